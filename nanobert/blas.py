@@ -22,6 +22,8 @@ import importlib.util
 import os
 import sys
 
+from nanobert.training import launched_world_size
+
 _loaded = None   # path of the BLAS we loaded, once `preload()` ran
 _done = False
 
@@ -51,6 +53,11 @@ def preload():
     _done = True
     if os.environ.get("NANOBERT_BLAS", "").lower() == "none":
         return None
+    world = launched_world_size()
+    if world > 1:  # N processes on one machine: share the cores instead of oversubscribing them
+        threads = str(max(1, (os.cpu_count() or 1) // world))
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+            os.environ.setdefault(var, threads)
     if "mlx.core" in sys.modules:
         print("nanobert: warning: mlx.core was imported before nanobert.model_mlx, so MLX may keep its slow "
               "reference BLAS; import nanobert first", file=sys.stderr)

@@ -20,6 +20,8 @@ TSV_COLUMNS = {
 }
 # task -> (text_a, text_b or None) column names in the hub's "glue" dataset
 HUB_COLUMNS = {"sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2")}
+LABEL_NAMES = {"sst2": ("negative", "positive"), "mrpc": ("not_equivalent", "equivalent")}
+BEST_METRIC = {"sst2": "accuracy", "mrpc": "f1"}  # what "best checkpoint" means per task
 BUCKET_BATCHES = 50  # length bucketing sorts within chunks of this many batches (as HF group_by_length)
 
 

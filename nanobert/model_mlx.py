@@ -76,6 +76,7 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.dropout_p = config.attention_probs_dropout_prob  # nn.Dropout keeps its p private
 
     def __call__(self, x, mask):
         """x (B, T, H), mask (B, 1, 1, T) additive or None -> (B, T, H)"""
@@ -83,7 +84,7 @@ class BertSelfAttention(nn.Module):
         q, k, v = (proj(x).reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
                    for proj in (self.query, self.key, self.value))
         scale = self.head_dim ** -0.5
-        if self.training and self.dropout.p > 0:
+        if self.training and self.dropout_p > 0:
             # mx.fast.scaled_dot_product_attention has no dropout: spell it out when training.
             scores = (q * scale) @ k.transpose(0, 1, 3, 2)
             probs = mx.softmax(scores if mask is None else scores + mask, axis=-1, precise=True)

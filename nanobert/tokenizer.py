@@ -22,6 +22,7 @@ def bert_wordpiece(vocab, lowercase=True):
     if missing:
         raise ValueError(f"vocabulary lacks the special tokens {missing}")
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.add_special_tokens(list(SPECIAL_TOKENS))  # "[MASK]" in text is one token, as in HF's tokenizer
     _bert_pipeline(tok, lowercase)
     return tok
 

@@ -1,0 +1,97 @@
+"""One training step, evaluation and DDP wiring in MLX: the MLX twin of engine_torch.py.
+
+The training scripts are backend-agnostic; they call these few functions. MLX computes
+lazily: nothing runs until `mx.eval`, so each step ends by evaluating the new weights and
+optimizer state (else the graph of every step would pile up). Under
+`mlx.launch -n N --backend ring`, processes talk through mx.distributed: broadcast the
+weights once, then sum the gradients across processes once per step.
+"""
+
+import numpy as np
+
+from nanobert import blas
+
+blas.preload()  # before mlx.core loads (see blas.py)
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+
+from nanobert.optim_mlx import AdamW, clip_grad_norm  # noqa: E402
+from nanobert.training import launched_world_size, n_items  # noqa: E402
+
+GROUP = None  # the mx.distributed group, once init_distributed() ran under a launcher
+
+
+def init_distributed():
+    """(rank, world size). Under mlx.launch (its hostfile names the processes) join the group."""
+    global GROUP
+    if launched_world_size() > 1 and GROUP is None:
+        GROUP = mx.distributed.init(strict=True)
+    return (GROUP.rank(), GROUP.size()) if GROUP is not None else (0, 1)
+
+
+def prepare(model):
+    """With several processes, copy rank 0's weights to all (a newly initialised head must
+    start identical everywhere). mx.distributed has no broadcast: sum rank 0's weights
+    with zeros from the others."""
+    if GROUP is not None:
+        keep = GROUP.rank() == 0
+        params = tree_flatten(model.parameters())
+        model.update(tree_unflatten([(k, mx.distributed.all_sum(v if keep else mx.zeros_like(v), group=GROUP))
+                                     for k, v in params]))
+    mx.eval(model.parameters())
+    return model
+
+
+def tensors(batch):
+    return {k: mx.array(v) for k, v in batch.items()}
+
+
+def all_sum(x):
+    """Sum a Python number over all processes."""
+    if GROUP is None:
+        return x
+    return mx.distributed.all_sum(mx.array(x, dtype=mx.float32), group=GROUP).item()
+
+
+def train_step(model, opt, micro_batches, lr, grad_clip, seed):
+    """One optimizer step over this process's micro-batches. Returns (loss, grad norm).
+
+    Each micro-batch's mean loss is weighted by its share of the loss terms of the whole
+    global batch (all micro-batches, all processes): summed gradients then equal those of
+    one big batch exactly, for MLM too, where micro-batches hold different numbers of
+    masked tokens. `seed` fixes this step's dropout, so a resumed run repeats it exactly.
+    """
+    model.train()
+    mx.random.seed(seed)
+    loss_and_grad = nn.value_and_grad(model, lambda batch, weight: model(**batch).loss * weight)
+    counts = [n_items(b) for b in micro_batches]
+    total = all_sum(sum(counts))
+    grads, loss = None, mx.array(0.0)
+    for batch, n in zip(micro_batches, counts):
+        if n:
+            part, g = loss_and_grad(tensors(batch), n / total)
+            g = dict(tree_flatten(g))
+            grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
+            loss = loss + part
+            mx.eval(grads, loss)  # one micro-batch's graph at a time, not all of them
+    if GROUP is not None:
+        # Sum gradients across processes once, after the last micro-batch: the sum is
+        # linear, so reducing every micro-step would send grad_accum times the bytes for
+        # the same result.
+        flat = mx.distributed.all_sum(mx.concatenate([g.reshape(-1) for g in grads.values()]), group=GROUP)
+        sizes = [g.size for g in grads.values()]
+        chunks = mx.split(flat, [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)])
+        grads = {k: c.reshape(g.shape) for (k, g), c in zip(grads.items(), chunks)}
+    grads, norm = clip_grad_norm(grads, grad_clip)
+    opt.step(grads, lr)
+    mx.eval(model.parameters(), opt.exp_avg, opt.exp_avg_sq, norm)
+    return all_sum(loss.item()), norm.item()
+
+
+def predict(model, batch):
+    """Eval-mode forward (no dropout; MLX builds no autograd graph unless asked) -> {name: numpy}."""
+    model.eval()
+    out = model(**tensors(batch))
+    return {k: np.array(v) for k, v in out._asdict().items() if isinstance(v, mx.array)}

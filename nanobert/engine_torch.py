@@ -1,0 +1,92 @@
+"""One training step, evaluation and DDP wiring in PyTorch: the torch twin of engine_mlx.py.
+
+The training scripts are backend-agnostic; they call these few functions. DDP is wired
+by hand rather than with DistributedDataParallel, so it reads the same in both twins:
+broadcast the weights once, then sum the gradients across processes once per step.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from nanobert.optim_torch import AdamW, clip_grad_norm
+from nanobert.training import n_items
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed():
+    """(rank, world size). Under `torchrun --nproc_per_node N` (WORLD_SIZE > 1) join the
+    process group: gloo on CPU, nccl on GPU. torchrun already gives each process
+    OMP_NUM_THREADS=1, so N processes share the cores instead of fighting over them."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def prepare(model):
+    """Move the model to the device; with several processes, copy rank 0's weights to all
+    (a newly initialised head must start identical everywhere)."""
+    model.to(DEVICE)
+    if dist.is_initialized():
+        with torch.no_grad():
+            for p in model.parameters():
+                dist.broadcast(p, src=0)
+    return model
+
+
+def tensors(batch):
+    return {k: torch.from_numpy(v).to(DEVICE) for k, v in batch.items()}
+
+
+def all_sum(x):
+    """Sum a Python number over all processes."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=DEVICE)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def train_step(model, opt, micro_batches, lr, grad_clip, seed):
+    """One optimizer step over this process's micro-batches. Returns (loss, grad norm).
+
+    Each micro-batch's mean loss is weighted by its share of the loss terms of the whole
+    global batch (all micro-batches, all processes): summed gradients then equal those of
+    one big batch exactly, for MLM too, where micro-batches hold different numbers of
+    masked tokens. `seed` fixes this step's dropout, so a resumed run repeats it exactly.
+    """
+    model.train()
+    torch.manual_seed(seed)
+    counts = [n_items(b) for b in micro_batches]
+    total = all_sum(sum(counts))
+    loss = torch.zeros((), device=DEVICE)
+    for batch, n in zip(micro_batches, counts):
+        if n:
+            part = model(**tensors(batch)).loss * (n / total)
+            part.backward()  # gradients add up in .grad across micro-batches
+            loss += part.detach()
+    if dist.is_initialized():
+        # Sum gradients across processes once, after the last micro-batch: the sum is
+        # linear, so reducing every micro-step would send grad_accum times the bytes for
+        # the same result (DistributedDataParallel's no_sync() exists for this reason).
+        grads = [p.grad for p in opt.params.values() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(chunk.view_as(g))
+    norm = clip_grad_norm(model, grad_clip)
+    opt.step(lr)
+    opt.zero_grad()
+    return all_sum(loss.item()), norm
+
+
+@torch.no_grad()
+def predict(model, batch):
+    """Eval-mode forward (no dropout, no autograd graph) -> {output name: numpy array}."""
+    model.eval()
+    out = model(**tensors(batch))
+    return {k: v.float().cpu().numpy() for k, v in out._asdict().items() if isinstance(v, torch.Tensor)}
+

@@ -1,0 +1,85 @@
+"""AdamW and gradient clipping by hand, in MLX: the MLX twin of optim_torch.py.
+
+AdamW (Loshchilov & Hutter, 2019) is Adam whose weight decay shrinks the weights
+directly ("decoupled") instead of being added to the gradient, where Adam's per-weight
+scaling would weaken it for weights with large gradients. The update, per parameter p
+with gradient g at step t (1-based):
+
+    p   <- p * (1 - lr * weight_decay)              (only for matrices, see below)
+    m   <- beta1 * m + (1 - beta1) * g              first moment (momentum)
+    v   <- beta2 * v + (1 - beta2) * g^2            second moment
+    p   <- p - lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps)
+
+The (1 - beta^t) terms undo the bias of m and v towards their zero start ("bias
+correction"; MLX's own optim.AdamW leaves it off by default). MLX arrays are values,
+not buffers: the step computes new arrays and hands them to the model with `update`.
+"""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+
+class AdamW:
+    def __init__(self, model, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8):
+        """model: its trainable (not frozen) parameters are optimized, by name.
+
+        Two groups, as in BERT and nanoGPT: weight matrices and embeddings (ndim >= 2) decay;
+        biases and LayerNorm weights (ndim 1) do not: shrinking a LayerNorm gain or a bias
+        towards 0 is no regulariser, it just fights the normalisation.
+        """
+        self.model = model
+        params = dict(tree_flatten(model.trainable_parameters()))
+        self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
+        self.decay = {n: p.ndim >= 2 for n, p in params.items()}
+        self.exp_avg = {n: mx.zeros_like(p) for n, p in params.items()}
+        self.exp_avg_sq = {n: mx.zeros_like(p) for n, p in params.items()}
+        self.step_count = 0
+
+    def step(self, grads, lr):
+        """One update of every parameter from `grads` ({name: array}), at learning rate `lr`."""
+        self.step_count += 1
+        beta1, beta2 = self.betas
+        step_size = lr / (1 - beta1 ** self.step_count)
+        bias_correction2_sqrt = math.sqrt(1 - beta2 ** self.step_count)
+        params = dict(tree_flatten(self.model.trainable_parameters()))
+        new = {}
+        for n, g in grads.items():
+            p, m, v = params[n], self.exp_avg[n], self.exp_avg_sq[n]
+            if self.decay[n]:
+                p = p * (1 - lr * self.weight_decay)
+            m = m + (1 - beta1) * (g - m)  # torch's lerp
+            v = beta2 * v + (1 - beta2) * g * g
+            denom = mx.sqrt(v) / bias_correction2_sqrt + self.eps
+            new[n] = p - step_size * m / denom
+            self.exp_avg[n], self.exp_avg_sq[n] = m, v
+        self.model.update(tree_unflatten(list(new.items())))
+
+    def state_numpy(self):
+        """{"exp_avg.<param>": array, "exp_avg_sq.<param>": array, "step": [t]}: the torch twin reads it too."""
+        state = {f"exp_avg.{n}": np.array(t) for n, t in self.exp_avg.items()}
+        state.update({f"exp_avg_sq.{n}": np.array(t) for n, t in self.exp_avg_sq.items()})
+        state["step"] = np.array([self.step_count], np.int64)
+        return state
+
+    def load_numpy(self, state):
+        for n in self.exp_avg:
+            for kind, moments in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                if f"{kind}.{n}" not in state:
+                    raise ValueError(f"optimizer state has no '{kind}.{n}' (was it saved for another model?)")
+                moments[n] = mx.array(state[f"{kind}.{n}"])
+        self.step_count = int(state["step"][0])
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients so their global L2 norm is at most max_norm (0: only measure).
+
+    grads: {name: array}. Returns (clipped grads, the norm before clipping).
+    """
+    norm = mx.sqrt(sum((g * g).sum() for g in grads.values()))
+    if max_norm > 0:
+        scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+        grads = {n: g * scale for n, g in grads.items()}
+    return grads, norm

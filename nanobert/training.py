@@ -1,0 +1,234 @@
+"""Backend-agnostic training machinery shared by train_mlm.py, train_sst2.py, train_squad.py:
+the settings parser, the learning-rate schedule, batch sharding for accumulation and DDP,
+metric logging and plotting, and the one-line error exit. Numpy and the standard library
+only; the framework-specific step lives in engine_torch.py / engine_mlx.py.
+"""
+
+import configparser
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+
+class SettingsError(ValueError):
+    """A bad setting on the command line or in a config file; the message names it."""
+
+
+# --- settings: nanoGPT's configurator, without exec ----------------------------------------
+
+def configure(defaults, argv, doc=""):
+    """Settings = `defaults` (a dict), overridden by `--config FILE.ini`, then `--key=value`.
+
+    Types come from the defaults (int, float, bool, str; None defaults take strings), so a
+    typo or a bad value is an error naming the setting, never a silent new variable. A bare
+    `--flag` sets a bool to True. `-h`/`--help` prints the settings and exits.
+    """
+    settings = dict(defaults)
+    args = list(argv)
+    if "-h" in args or "--help" in args:
+        print(doc.strip() + "\n\nsettings (default):")
+        for k, v in defaults.items():
+            print(f"  --{k}={v}")
+        sys.exit(0)
+    pairs = []
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            raise SettingsError(f"unexpected argument {arg!r}; settings look like --key=value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:  # "--key value", or a bare "--flag" meaning true
+            value = args.pop(0) if args and not args[0].startswith("--") else "true"
+        pairs.append((key, value, "command line"))
+    for key, value, where in pairs:
+        if key == "config":
+            for k, v in read_ini(value):
+                settings[k] = _convert(defaults, k, v, value)
+    for key, value, where in pairs:
+        if key != "config":
+            settings[key] = _convert(defaults, key, value, where)
+    return SimpleNamespace(**settings)
+
+
+def read_ini(path):
+    """[(key, value)] from every section of an .ini file (sections are for readers only)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: no such config file") from None
+    except configparser.Error as e:
+        raise SettingsError(f"{path}: not a valid .ini file ({str(e).splitlines()[0]})") from None
+    return [(k, v) for s in parser.sections() for k, v in parser.items(s)]
+
+
+def _convert(defaults, key, value, where):
+    if key not in defaults:
+        raise SettingsError(f"{where}: unknown setting '{key}' (known: {', '.join(defaults)})")
+    default = defaults[key]
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        raise SettingsError(f"{where}: setting '{key}' must be a {type(default).__name__}, got {value!r}") from None
+    return value
+
+
+def check_schedule(lr, min_lr, warmup_iters, max_iters):
+    if not lr > 0:
+        raise SettingsError(f"setting 'lr' must be > 0, got {lr}")
+    if not 0 <= min_lr <= lr:
+        raise SettingsError(f"setting 'min_lr' must be in [0, lr], got {min_lr}")
+    if max_iters < 1:
+        raise SettingsError(f"the run has no optimizer steps (max_iters = {max_iters})")
+    if not 0 <= warmup_iters <= max_iters:
+        raise SettingsError(f"warmup ({warmup_iters} steps) must be between 0 and the total steps ({max_iters})")
+
+
+# --- learning-rate schedule ---------------------------------------------------------------
+
+def cosine_lr(it, lr, warmup_iters, lr_decay_iters, min_lr=0.0):
+    """nanoGPT's get_lr: linear warmup, then cosine decay to `min_lr` at `lr_decay_iters`.
+
+    `it` is the 0-based optimizer step. Warmup goes 0 -> lr as HF's
+    get_cosine_with_min_lr_schedule_with_warmup does (checked in parity/), so the first
+    step of a warmup is taken at lr 0.
+    """
+    if it < warmup_iters:
+        return lr * it / warmup_iters
+    if it >= lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+# --- batches for accumulation and DDP ------------------------------------------------------
+
+def n_items(batch):
+    """How many terms the batch's mean loss averages: target tokens for MLM (labels (B, T),
+    -100 = none), examples for classification and QA."""
+    labels = batch.get("labels", batch.get("start_positions"))
+    return int((labels != -100).sum()) if labels.ndim == 2 else len(labels)
+
+
+def micro_batches(batch, rank, world, grad_accum, trim=True):
+    """This rank's `grad_accum` micro-batches of a global batch (rows split evenly; the last
+    global batch of an epoch may be smaller, and then some micro-batches may be empty and
+    are dropped). With `trim`, each is cut to its own longest row, so no step computes on
+    columns that are padding in every row."""
+    B = len(batch["input_ids"])
+    parts = np.array_split(np.arange(B), world * grad_accum)[rank * grad_accum:(rank + 1) * grad_accum]
+    out = []
+    for rows in parts:
+        if len(rows):
+            T = int(batch["attention_mask"][rows].sum(1).max()) if trim else batch["input_ids"].shape[1]
+            out.append({k: (v[rows, :T] if v.ndim == 2 else v[rows]) for k, v in batch.items()})
+    return out
+
+
+def step_seed(seed, step, rank):
+    """The framework RNG seed (dropout) of one step of one process: a function of (seed, step,
+    rank) only, so a resumed run repeats a step exactly and processes drop different units."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- distributed environment (launcher side) -----------------------------------------------
+
+def launched_world_size():
+    """Processes started by torchrun (WORLD_SIZE) or mlx.launch (its hostfile), else 1."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if "MLX_HOSTFILE" in os.environ:
+        with open(os.environ["MLX_HOSTFILE"]) as f:
+            return len(json.load(f))
+    return 1
+
+
+def load_backend(name):
+    """(model module, engine module) of backend "torch" or "mlx"."""
+    if name not in ("torch", "mlx"):
+        raise SettingsError(f"setting 'backend' must be 'torch' or 'mlx', got {name!r}")
+    return importlib.import_module(f"nanobert.model_{name}"), importlib.import_module(f"nanobert.engine_{name}")
+
+
+# --- logging --------------------------------------------------------------------------------
+
+class MetricsLog:
+    """Metrics as JSON lines in out_dir/metrics.jsonl (one object per event, with `step`), and a
+    PNG of the curves at the end. On resume, lines past the resumed step are dropped, so
+    the log tells the story of the weights that exist."""
+
+    def __init__(self, out_dir, resume_step=None, enabled=True):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.enabled = enabled
+        self.t0 = time.time()
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        keep = [r for r in self.read() if resume_step is not None and r["step"] <= resume_step]
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+
+    def read(self):
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def log(self, step, **metrics):
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "time": round(time.time() - self.t0, 2), **metrics}) + "\n")
+
+    def plot(self, path, panels):
+        """panels: [(title, [metric names])]; one subplot each, metric vs step."""
+        if not self.enabled:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        rows = self.read()
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+        for ax, (title, names) in zip(axes[0], panels):
+            for name in names:
+                pts = [(r["step"], r[name]) for r in rows if r.get(name) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=name)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        tmp = path + ".tmp.png"
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, path)
+
+
+def main_guard(main):
+    """Run `main()`; a user error (bad setting, file, value) is one line on stderr + exit 2."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        msg = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)

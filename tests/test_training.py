@@ -1,0 +1,197 @@
+"""The training machinery, end to end through train_sst2.py and at the engine level:
+exact resume in a new process, kill safety of checkpoints, gradient accumulation, DDP
+equivalence under torchrun/gloo and mlx.launch/ring, and one-line errors for bad input."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import ROOT, run_script, tiny_config
+from nanobert import checkpoint
+from nanobert.training import load_backend, micro_batches
+
+BACKENDS = ("torch", "mlx")
+
+
+def sst2_args(model, data, out, *extra):
+    return ["train_sst2.py", f"--init={model}", f"--data={data}", f"--out_dir={out}", "--batch_size=8",
+            "--lr=1e-3", "--warmup=2", "--log_every=1", *extra]
+
+
+def weights(ckpt_dir):
+    return load_file(os.path.join(ckpt_dir, "model.safetensors"))
+
+
+def assert_weights_equal(a, b, tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        err = float(np.abs(a[k] - b[k]).max())
+        assert err <= tol, f"{k}: max abs difference {err:.3g} > {tol}"
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_in_a_new_process_equals_straight_run(backend, tiny_model_dir, tiny_glue_dir, tmp_path):
+    """8 steps straight vs 4 steps, checkpoint, new process, --resume, 4 more. Step 4 is
+    mid-epoch (5 batches per epoch), dropout is on, the schedule has warmup + decay."""
+    args = ["--epochs=2", "--max_steps=8", "--eval_every=4", "--max_checkpoints=5", f"--backend={backend}"]
+    ok(run_script(sst2_args(tiny_model_dir, tiny_glue_dir, tmp_path / "straight", *args)))
+    os.makedirs(tmp_path / "resumed")
+    shutil.copytree(tmp_path / "straight" / "ckpt-000004", tmp_path / "resumed" / "ckpt-000004")
+    out = ok(run_script(sst2_args(tiny_model_dir, tiny_glue_dir, tmp_path / "resumed", *args, "--resume")))
+    assert "resuming from" in out.stdout
+    straight, resumed = weights(tmp_path / "straight" / "ckpt-000008"), weights(tmp_path / "resumed" / "ckpt-000008")
+    assert_weights_equal(straight, resumed, 0.0 if backend == "torch" else 1e-6)
+    moved = weights(tmp_path / "straight" / "ckpt-000004")
+    assert any(np.abs(moved[k] - straight[k]).max() > 1e-4 for k in moved)  # the last 4 steps did train
+
+
+# --- kill safety --------------------------------------------------------------------------------
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, time, numpy as np
+    from nanobert import checkpoint, weights
+    from nanobert.config import BertConfig
+    out, cfg = sys.argv[1], BertConfig(vocab_size=10, hidden_size=8, num_attention_heads=2)
+    state = {"w": np.ones((1000, 1000), np.float32)}
+    checkpoint.save(out, 1, cfg, state, state, {"data": {}})
+    real = weights.write_safetensors
+    def slow(path, tensors, metadata=None):  # the next save stalls mid-write, and is killed there
+        real(path, tensors, metadata)
+        open(out + "/WRITING", "w").close()
+        time.sleep(60)
+    checkpoint.write_safetensors = slow
+    checkpoint.save(out, 2, cfg, state, state, {"data": {}})
+""")
+
+
+def test_sigkill_while_writing_leaves_previous_checkpoint_intact(tmp_path, capfd):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    deadline = time.time() + 60
+    while not (out / "WRITING").exists():
+        assert time.time() < deadline and proc.poll() is None, "writer never reached the second save"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "ckpt-000002").exists()
+    assert any(name.startswith(".tmp-") for name in os.listdir(out))  # the half-written one
+    assert checkpoint.latest(str(out)) == str(out / "ckpt-000001")
+    np.testing.assert_array_equal(checkpoint.load(str(out / "ckpt-000001")).model["w"], 1.0)
+
+
+def test_corrupt_checkpoint_is_named_and_skipped(tmp_path, capfd):
+    from nanobert.config import BertConfig
+    cfg, state = BertConfig(vocab_size=10, hidden_size=8, num_attention_heads=2), {"w": np.ones(100, np.float32)}
+    for step in (1, 2):
+        checkpoint.save(str(tmp_path), step, cfg, state, state, {"data": {}})
+    blob = tmp_path / "ckpt-000002" / "model.safetensors"
+    blob.write_bytes(blob.read_bytes()[:-10])  # truncated
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt-000002: corrupt checkpoint \(model.safetensors has"):
+        checkpoint.load(str(tmp_path / "ckpt-000002"))
+    assert checkpoint.latest(str(tmp_path)) == str(tmp_path / "ckpt-000001")
+    assert "warning: skipping" in capfd.readouterr().err
+    os.remove(tmp_path / "ckpt-000001" / "manifest.json")  # never completed
+    assert checkpoint.latest(str(tmp_path)) is None
+
+
+def test_max_checkpoints_prunes_oldest(tmp_path):
+    from nanobert.config import BertConfig
+    cfg, state = BertConfig(vocab_size=10, hidden_size=8, num_attention_heads=2), {"w": np.ones(4, np.float32)}
+    for step in range(1, 6):
+        checkpoint.save(str(tmp_path), step, cfg, state, state, {"data": {}}, max_checkpoints=2)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000004", "ckpt-000005"]
+
+
+# --- accumulation (engine level) -----------------------------------------------------------------
+
+def mlm_batch(rng, B, T, vocab):
+    ids = rng.integers(5, vocab, (B, T)).astype(np.int32)
+    lengths = rng.integers(3, T + 1, B)
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+    labels = np.where((rng.random((B, T)) < 0.25) & (mask == 1), ids, -100).astype(np.int32)
+    labels[:, 1] = ids[:, 1]  # every row has a target
+    return {"input_ids": ids * mask, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accumulation_equals_big_batch(backend):
+    """k micro-batches of b == one batch of k*b, for MLM, where micro-batches hold different
+    numbers of target tokens (each is weighted by its share of the targets)."""
+    models, E = load_backend(backend)
+    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    init = models.BertForMaskedLM(config).init_weights().state_numpy()
+    final = []
+    for accum in (1, 4):
+        rng = np.random.default_rng(0)
+        model = models.BertForMaskedLM(config)
+        model.load_numpy(init)
+        opt = E.AdamW(model)
+        for step in range(3):
+            E.train_step(model, opt, micro_batches(mlm_batch(rng, 8, 12, config.vocab_size), 0, 1, accum), 1e-3, 1.0, step)
+        final.append(model.state_numpy())
+    assert_weights_equal(final[0], final[1], 1e-5)
+
+
+# --- DDP ----------------------------------------------------------------------------------------
+
+def launcher(name):
+    """torchrun / mlx.launch from this Python's environment; a clear failure if it is missing."""
+    exe = os.path.join(os.path.dirname(sys.executable), name)
+    exe = exe if os.path.exists(exe) else shutil.which(name)
+    if exe is None:
+        pytest.fail(f"{name} not found next to {sys.executable} or on PATH: install torch / mlx")
+    return exe
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddp_two_processes_equal_one_process_double_batch(backend, tiny_model_nodrop_dir, tiny_glue_dir, tmp_path):
+    """Dropout off: two processes draw different dropout masks than one, by design."""
+    if backend == "torch":
+        launch = [launcher("torchrun"), "--nproc_per_node=2"]
+    else:
+        launch = [launcher("mlx.launch"), "-n", "2", "--backend", "ring", "--", sys.executable]
+    common = ["--epochs=1", "--max_steps=4", f"--backend={backend}", "--grad_clip=0.5"]
+    single = sst2_args(tiny_model_nodrop_dir, tiny_glue_dir, tmp_path / "one", *common)
+    single[single.index("--batch_size=8")] = "--batch_size=16"
+    ok(run_script(single))
+    two = ok(run_script(sst2_args(tiny_model_nodrop_dir, tiny_glue_dir, tmp_path / "two", *common), launcher=launch,
+                        timeout=240))
+    assert "(2 process(es))" in two.stdout
+    assert_weights_equal(weights(tmp_path / "one" / "ckpt-000004"), weights(tmp_path / "two" / "ckpt-000004"), 1e-5)
+
+
+# --- bad input: one line, non-zero exit -------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--lrr=1"], "error: command line: unknown setting 'lrr'"),
+    (["--lr=-1"], "error: setting 'lr' must be > 0, got -1.0"),
+    (["--warmup=500", "--max_steps=10"], "error: warmup (500 steps) must be between 0 and the total steps (10)"),
+    (["--resume=/no/such/ckpt"], "error: /no/such/ckpt: no such checkpoint directory"),
+    (["--batch_size=eight"], "error: command line: setting 'batch_size' must be a int, got 'eight'"),
+    (["--config=CONFIG"], "error: CONFIG: unknown setting 'learning_rate'"),
+])
+def test_bad_input_is_one_clear_line(args, message, tiny_model_dir, tiny_glue_dir, tmp_path):
+    ini = tmp_path / "bad.ini"
+    ini.write_text("[train]\nlearning_rate = 0.1\n")
+    args = [a.replace("CONFIG", str(ini)) for a in args]
+    out = run_script(sst2_args(tiny_model_dir, tiny_glue_dir, tmp_path / "out", *args), timeout=120)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith(message.replace("CONFIG", str(ini))), out.stderr
+    assert "Traceback" not in out.stderr

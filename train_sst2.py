@@ -14,15 +14,12 @@ Phases: settings -> data -> model -> optimizer -> loop (evaluate, checkpoint) ->
 import math
 import os
 import sys
-import time
 
 import numpy as np
-from tqdm import tqdm
 
 from nanobert import checkpoint, glue, hub
 from nanobert.tokenizer import load_tokenizer
-from nanobert.training import (MetricsLog, check_schedule, configure, cosine_lr, load_backend, main_guard,
-                               micro_batches, peak_rss_mb, step_seed)
+from nanobert.training import EpochLoader, check_schedule, configure, fit, load_backend, main_guard, peak_rss_mb
 
 DEFAULTS = dict(
     backend="torch",            # torch | mlx
@@ -71,78 +68,36 @@ def main():
     max_iters = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup_iters = round(cfg.warmup * max_iters) if cfg.warmup < 1 else int(cfg.warmup)
     check_schedule(cfg.lr, cfg.min_lr, warmup_iters, max_iters)
-
-    def epoch_batches(epoch, start):
-        # The order is a function of (seed, epoch) only: a resumed run sees the same batches.
-        return glue.glue_batches(train_enc, train_labels, global_batch, rng=np.random.default_rng([cfg.seed, epoch]),
-                                 pad_to=cfg.pad_to or None, bucket=cfg.bucket, start=start)
+    # The order of an epoch is a function of (seed, epoch) only: a resumed run sees the same batches.
+    loader = EpochLoader(lambda epoch, start: glue.glue_batches(
+        train_enc, train_labels, global_batch, rng=np.random.default_rng([cfg.seed, epoch]),
+        pad_to=cfg.pad_to or None, bucket=cfg.bucket, start=start), steps_per_epoch)
 
     # --- model + optimizer ----------------------------------------------------------------
+    E.seed(cfg.seed)
     model = models.BertForSequenceClassification.from_pretrained(resume_path or hub.resolve(cfg.init), num_labels=2)
     E.prepare(model)
     opt = E.AdamW(model, weight_decay=cfg.weight_decay)
-    step, epoch, batch_in_epoch, best = 0, 0, 0, None
-    if resume_path:
-        ckpt = checkpoint.load(resume_path)
-        opt.load_numpy(ckpt.optimizer)
-        step, best = ckpt.state["step"], ckpt.state["best"]
-        epoch, batch_in_epoch = ckpt.state["data"]["epoch"], ckpt.state["data"]["batch"]
-    log = MetricsLog(cfg.out_dir, resume_step=step if resume_path else None, enabled=master)
-    if master:
+    if rank == 0:
         n_params = sum(v.size for v in model.state_numpy().values())
         print(f"{cfg.task}: {len(train)} train / {len(dev)} dev examples, {n_params / 1e6:.1f}M parameters, "
               f"{max_iters} steps of {global_batch} examples ({world} process(es)), backend {cfg.backend}"
               + (f", resuming from {resume_path}" if resume_path else ""))
 
-    def evaluate():
+    def evaluate(step):
         preds = []
         for batch in glue.glue_batches(dev_enc, dev_labels, 64, pad_to=cfg.pad_to or None):
             preds.append(E.predict(model, {k: v for k, v in batch.items() if k != "labels"})["logits"].argmax(-1))
         preds = np.concatenate(preds)
-        return {"accuracy": glue.accuracy(preds, dev_labels), "f1": glue.binary_f1(preds, dev_labels)}
+        return {"dev_accuracy": glue.accuracy(preds, dev_labels), "dev_f1": glue.binary_f1(preds, dev_labels)}
 
-    # --- training loop --------------------------------------------------------------------
-    batches = None
-    tokens, t_log = 0, time.time()
-    bar = tqdm(total=max_iters, initial=step, disable=not master or None, desc="train")
-    while step < max_iters:
-        if batch_in_epoch == steps_per_epoch:
-            epoch, batch_in_epoch, batches = epoch + 1, 0, None
-        if batches is None:
-            batches = epoch_batches(epoch, batch_in_epoch)
-        batch = next(batches)
-        lr = cosine_lr(step, cfg.lr, warmup_iters, max_iters, cfg.min_lr)
-        parts = micro_batches(batch, rank, world, cfg.grad_accum, trim=not cfg.pad_to)
-        loss, grad_norm = E.train_step(model, opt, parts, lr, cfg.grad_clip, step_seed(cfg.seed, step, rank))
-        step, batch_in_epoch = step + 1, batch_in_epoch + 1
-        tokens += int(batch["attention_mask"].sum())
-        bar.update()
-        if step % cfg.log_every == 0 or step == max_iters:
-            dt, t_log = time.time() - t_log, time.time()
-            log.log(step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens / dt, epoch=epoch)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
-            tokens = 0
-        end_of_epoch = batch_in_epoch == steps_per_epoch
-        if end_of_epoch or step == max_iters or (cfg.eval_every and step % cfg.eval_every == 0):
-            if master:
-                metrics = evaluate()
-                log.log(step, **{f"dev_{k}": v for k, v in metrics.items()})
-                tqdm.write(f"step {step}: dev accuracy {metrics['accuracy']:.2f}  F1 {metrics['f1']:.2f}")
-                score = metrics[glue.BEST_METRIC[cfg.task]]
-                state = {"data": {"epoch": epoch, "batch": batch_in_epoch}, "metrics": metrics,
-                         "settings": vars(cfg), "architectures": ["BertForSequenceClassification"]}
-                if best is None or score > best:
-                    best = score
-                    checkpoint.save(cfg.out_dir, step, model.config, model.state_numpy(), None,
-                                    {**state, "best": best}, name="best", tokenizer=hub.resolve(cfg.init))
-                checkpoint.save(cfg.out_dir, step, model.config, model.state_numpy(), opt.state_numpy(),
-                                {**state, "best": best}, cfg.max_checkpoints, tokenizer=hub.resolve(cfg.init))
-            t_log = time.time()  # evaluation is not training time
-    bar.close()
-    if master:
-        log.plot(os.path.join(cfg.out_dir, "metrics.png"),
-                 [("train loss", ["loss"]), ("dev", ["dev_accuracy", "dev_f1"]), ("learning rate", ["lr"])])
-        print(f"best dev {glue.BEST_METRIC[cfg.task]} {best:.2f}; model in {os.path.join(cfg.out_dir, 'best')}; "
+    # --- training loop (nanobert/training.py: fit) ----------------------------------------
+    run = fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, "dev_" + glue.BEST_METRIC[cfg.task],
+               rank, world, resume=checkpoint.load(resume_path) if resume_path else None,
+               tokenizer=hub.resolve(cfg.init), trim=not cfg.pad_to)
+    if rank == 0:
+        print(f"best dev {glue.BEST_METRIC[cfg.task]} {run['best']:.2f} (model in {os.path.join(cfg.out_dir, 'best')}); "
+              f"training {run['train_s']:.0f} s, {run['tokens'] / max(run['train_s'], 1e-9):.0f} tokens/s, "
               f"peak RSS {peak_rss_mb():.0f} MiB")
 
 

@@ -23,8 +23,9 @@ import sys
 import tempfile
 from types import SimpleNamespace
 
-from nanobert.weights import (WeightsError, copy_tokenizer, read_checkpoint, read_safetensors, write_checkpoint,
-                              write_safetensors)
+from nanobert.config import BertConfig, ConfigError
+from nanobert.weights import (ADAPTER_NAME, WEIGHTS_NAME, WeightsError, copy_tokenizer, normalize_keys,
+                              read_safetensors, write_checkpoint, write_safetensors)
 
 PREFIX = "ckpt-"
 
@@ -33,19 +34,21 @@ class CheckpointError(ValueError):
     """A checkpoint that is incomplete, corrupt, or not there; the message names it."""
 
 
-def save(out_dir, step, config, model_state, optim_state, state, max_checkpoints=None, name=None, tokenizer=None):
+def save(out_dir, step, config, model_state, optim_state, state, max_checkpoints=None, name=None, tokenizer=None,
+         adapter=False):
     """Write ckpt-{step:06d} (or `name`) atomically; keep the newest `max_checkpoints` ckpt-*.
 
     model_state, optim_state: {name: np.ndarray} (optim_state None: a model-only checkpoint,
     e.g. `best`); state: JSON-able dict; tokenizer: a directory whose tokenizer files are
-    copied in, so the checkpoint is self-contained for --init. Returns the path.
+    copied in, so the checkpoint is self-contained for --init; adapter: model_state holds only
+    LoRA adapters + head, written as adapter.safetensors (not a loadable model). Returns the path.
     """
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, ".tmp-*")):  # left by a killed save
         shutil.rmtree(stale, ignore_errors=True)
     final = os.path.join(out_dir, name or f"{PREFIX}{step:06d}")
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=out_dir)
-    write_checkpoint(tmp, config, model_state, architectures=state.get("architectures"))
+    write_checkpoint(tmp, config, model_state, state.get("architectures"), ADAPTER_NAME if adapter else WEIGHTS_NAME)
     if optim_state is not None:
         write_safetensors(os.path.join(tmp, "optimizer.safetensors"), optim_state)
     if tokenizer:
@@ -74,15 +77,18 @@ def save(out_dir, step, config, model_state, optim_state, state, max_checkpoints
 
 
 def load(path):
-    """SimpleNamespace(path, config, model, optimizer, state) of a verified checkpoint dir."""
+    """SimpleNamespace(path, config, model, optimizer, state) of a verified checkpoint dir
+    (model: the weights, or the LoRA adapters + head of an adapter checkpoint)."""
     verify(path)
     try:
-        config, model = read_checkpoint(path)
+        config = BertConfig.from_json(os.path.join(path, "config.json"))
+        weights = os.path.join(path, ADAPTER_NAME if os.path.exists(os.path.join(path, ADAPTER_NAME)) else WEIGHTS_NAME)
+        model = normalize_keys(read_safetensors(weights))
         optim_file = os.path.join(path, "optimizer.safetensors")
         optimizer = read_safetensors(optim_file) if os.path.exists(optim_file) else None
         with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
             state = json.load(f)
-    except (WeightsError, json.JSONDecodeError) as e:
+    except (WeightsError, ConfigError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
     return SimpleNamespace(path=path, config=config, model=model, optimizer=optimizer, state=state)
 

@@ -9,9 +9,7 @@ weights once, then sum the gradients across processes once per step.
 
 import numpy as np
 
-from nanobert import blas
-
-blas.preload()  # before mlx.core loads (see blas.py)
+from nanobert import mlx_cpu  # noqa: F401  first: a fast BLAS for MLX on Linux (see mlx_cpu.py)
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -42,6 +40,11 @@ def prepare(model):
                                      for k, v in params]))
     mx.eval(model.parameters())
     return model
+
+
+def seed(seed):
+    """Seed the framework RNG (weight init of new heads and LoRA adapters, dropout)."""
+    mx.random.seed(seed)
 
 
 def tensors(batch):

@@ -37,6 +37,11 @@ def prepare(model):
     return model
 
 
+def seed(seed):
+    """Seed the framework RNG (weight init of new heads and LoRA adapters, dropout)."""
+    torch.manual_seed(seed)
+
+
 def tensors(batch):
     return {k: torch.from_numpy(v).to(DEVICE) for k, v in batch.items()}
 

@@ -16,9 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nanobert import blas
-
-blas.preload()  # before mlx.core loads: MLX's Linux wheel ships a ~40x slower reference BLAS
+from nanobert import mlx_cpu  # first: on Linux it gives MLX a fast BLAS before mlx.core loads
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -27,14 +25,14 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 from nanobert import weights  # noqa: E402
 from nanobert.config import BertConfig
 
-ACT2FN = {"gelu": nn.gelu, "gelu_new": nn.gelu_approx, "relu": nn.relu}
+ACT2FN = {"gelu": mlx_cpu.gelu, "gelu_new": nn.gelu_approx, "relu": nn.relu}
 
 
 def cross_entropy(logits, targets, ignore_index=-100):
     """torch's F.cross_entropy: the mean over targets != ignore_index (MLX's has no ignore_index)."""
     keep = targets != ignore_index
-    losses = nn.losses.cross_entropy(logits, mx.where(keep, targets, 0), reduction="none")
-    return (losses * keep).sum() / keep.sum()
+    picked = mx.take_along_axis(logits, mx.where(keep, targets, 0)[..., None], axis=-1).squeeze(-1)
+    return ((mlx_cpu.logsumexp(logits) - picked) * keep).sum() / keep.sum()
 
 
 class Output(NamedTuple):
@@ -84,10 +82,10 @@ class BertSelfAttention(nn.Module):
         q, k, v = (proj(x).reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
                    for proj in (self.query, self.key, self.value))
         scale = self.head_dim ** -0.5
-        if self.training and self.dropout_p > 0:
-            # mx.fast.scaled_dot_product_attention has no dropout: spell it out when training.
+        if (self.training and self.dropout_p > 0) or mlx_cpu.FAST:
+            # Spelled out: mx.fast's fused attention has no dropout, and on Linux CPUs it is slower.
             scores = (q * scale) @ k.transpose(0, 1, 3, 2)
-            probs = mx.softmax(scores if mask is None else scores + mask, axis=-1, precise=True)
+            probs = mlx_cpu.softmax(scores if mask is None else scores + mask)
             y = self.dropout(probs) @ v
         else:
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
@@ -234,8 +232,10 @@ class BertPreTrainedModel(nn.Module):
     def shapes(self):
         return {k: tuple(v.shape) for k, v in tree_flatten(self.parameters())}
 
-    def state_numpy(self):
-        return {k: np.array(v) for k, v in tree_flatten(self.parameters())}
+    def state_numpy(self, trainable_only=False):
+        """{HF name: numpy array}; trainable_only: just what trains (LoRA adapters + head)."""
+        params = self.trainable_parameters() if trainable_only else self.parameters()
+        return {k: np.array(v) for k, v in tree_flatten(params)}
 
     def load_numpy(self, state):
         """Copy numpy arrays into the parameters they name (names and shapes already checked)."""

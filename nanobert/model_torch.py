@@ -210,8 +210,9 @@ class BertPreTrainedModel(nn.Module):
     def shapes(self):
         return {k: tuple(v.shape) for k, v in self.state_dict().items()}
 
-    def state_numpy(self):
-        return {k: v.detach().cpu().numpy() for k, v in self.state_dict().items()}
+    def state_numpy(self, trainable_only=False):
+        """{HF name: numpy array}; trainable_only: just what trains (LoRA adapters + head)."""
+        return {k: v.detach().cpu().numpy() for k, v in self.named_parameters() if v.requires_grad or not trainable_only}
 
     def load_numpy(self, state):
         """Copy numpy arrays into the parameters they name (names and shapes already checked)."""

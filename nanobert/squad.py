@@ -38,8 +38,9 @@ class SquadExample(NamedTuple):
 # --- reading ---------------------------------------------------------------------------------
 
 
-def load_squad(path):
-    """Read a SQuAD v1.1 JSON file -> (examples, skipped).
+def load_squad(path, articles=None):
+    """Read a SQuAD v1.1 JSON file -> (examples, skipped). articles: a slice of the articles
+    to read (e.g. slice(0, 24): the first 24), default all.
 
     A file that is not SQuAD (not JSON, a missing or mistyped field, a repeated question id,
     no questions) raises ValueError naming the file and the field. A question that is readable
@@ -69,7 +70,9 @@ def load_squad(path):
         return obj[key]
 
     examples, skipped, seen = [], collections.defaultdict(list), set()
-    for i, article in enumerate(field(root, "data", list, "top level")):
+    data = field(root, "data", list, "top level")
+    for i in range(len(data))[articles or slice(None)]:
+        article = data[i]
         title = field(article, "title", str, f"data[{i}]")
         for j, paragraph in enumerate(field(article, "paragraphs", list, f"data[{i}]")):
             where = f"data[{i}].paragraphs[{j}]"

@@ -224,6 +224,104 @@ class MetricsLog:
         os.replace(tmp, path)
 
 
+# --- the training loop of all three scripts -------------------------------------------------
+
+class EpochLoader:
+    """Global batches, epoch after epoch, from `make_batches(epoch, start)` (a generator of the
+    epoch's batches from batch `start` on, in an order fixed by (seed, epoch)). Its state
+    {epoch, batch} is all a checkpoint needs to resume mid-epoch on the very next batch."""
+
+    def __init__(self, make_batches, steps_per_epoch):
+        self.make_batches, self.steps_per_epoch = make_batches, steps_per_epoch
+        self.epoch, self.batch, self.it = 0, 0, None
+
+    def next(self):
+        if self.batch == self.steps_per_epoch:
+            self.epoch, self.batch, self.it = self.epoch + 1, 0, None
+        if self.it is None:
+            self.it = self.make_batches(self.epoch, self.batch)
+        self.batch += 1
+        return next(self.it)
+
+    def end_of_epoch(self):
+        return self.batch == self.steps_per_epoch
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state):
+        self.epoch, self.batch, self.it = state["epoch"], state["batch"], None
+
+
+def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metric, rank=0, world=1,
+        resume=None, tokenizer=None, model_state=None, extra_state=None, panels=None, trim=True):
+    """Train `model` for `max_iters` optimizer steps; evaluate, log and checkpoint on the way.
+
+    cfg: the script's settings (lr, min_lr, grad_clip, grad_accum, seed, log_every,
+    eval_every, max_checkpoints, out_dir). loader: .next() -> a global batch (numpy), and
+    .state_dict()/.load_state_dict() for resuming; .end_of_epoch() if it has epochs.
+    evaluate(step) -> {metric: value}, run on rank 0 only (the others wait at the next
+    gradient sum). best_metric: the metric whose maximum is kept as out_dir/best.
+    resume: a loaded checkpoint (checkpoint.load) to continue from. model_state: what to
+    save of the model (default: everything; LoRA saves only what trains). panels: [(title,
+    [metric names])] to plot beside loss and lr (default: all evaluation metrics in one).
+    trim: cut micro-batches to their longest row (off to measure fixed padding).
+    Returns {"best": best value of best_metric, "train_s": seconds spent in training steps,
+    "tokens": non-padding tokens trained on, "steps": optimizer steps taken} (this run only).
+    """
+    from tqdm import tqdm
+    from nanobert import checkpoint
+    master = rank == 0
+    model_state = model_state or model.state_numpy
+    step, best = 0, None
+    if resume is not None:
+        opt.load_numpy(resume.optimizer)
+        loader.load_state_dict(resume.state["data"])
+        step, best = resume.state["step"], resume.state["best"]
+    log = MetricsLog(cfg.out_dir, resume_step=step if resume is not None else None, enabled=master)
+    run = {"best": best, "train_s": 0.0, "tokens": 0, "steps": 0}  # this process's run, for the caller
+    window_tokens, window_s = 0, 0.0  # since the last log line
+    bar = tqdm(total=max_iters, initial=step, disable=not master or None, desc="train", dynamic_ncols=True)
+    while step < max_iters:
+        t0 = time.time()
+        batch = loader.next()
+        lr = cosine_lr(step, cfg.lr, warmup_iters, max_iters, cfg.min_lr)
+        parts = micro_batches(batch, rank, world, cfg.grad_accum, trim)
+        loss, grad_norm = E.train_step(model, opt, parts, lr, cfg.grad_clip, step_seed(cfg.seed, step, rank))
+        step += 1
+        window_tokens += int(batch["attention_mask"].sum())
+        window_s += time.time() - t0  # training time only: evaluation and saving are not counted
+        bar.update()
+        if step % cfg.log_every == 0 or step == max_iters:
+            log.log(step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=window_tokens / window_s,
+                    **loader.state_dict())
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", tok_s=f"{window_tokens / window_s:.0f}")
+            run["train_s"], run["tokens"] = run["train_s"] + window_s, run["tokens"] + window_tokens
+            window_tokens, window_s = 0, 0.0
+        run["steps"] += 1
+        end_of_epoch = getattr(loader, "end_of_epoch", lambda: False)()
+        if master and (end_of_epoch or step == max_iters or (cfg.eval_every and step % cfg.eval_every == 0)):
+            metrics = evaluate(step)
+            log.log(step, **metrics)
+            tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            state = {"data": loader.state_dict(), "metrics": metrics, "settings": vars(cfg),
+                     "architectures": [type(model).__name__], **(extra_state or {})}
+            weights = model_state()
+            if best is None or metrics[best_metric] > best:
+                best = run["best"] = metrics[best_metric]
+                checkpoint.save(cfg.out_dir, step, model.config, weights, None, {**state, "best": best},
+                                name="best", tokenizer=tokenizer)
+            checkpoint.save(cfg.out_dir, step, model.config, weights, opt.state_numpy(), {**state, "best": best},
+                            cfg.max_checkpoints, tokenizer=tokenizer)
+    bar.close()
+    if master:
+        if panels is None:
+            panels = [("evaluation", sorted({k for r in log.read() for k in r} - {"step", "time", "loss", "lr",
+                                             "grad_norm", "tokens_per_s"} - set(loader.state_dict())))]
+        log.plot(os.path.join(cfg.out_dir, "metrics.png"), [("train loss", ["loss"]), *panels, ("learning rate", ["lr"])])
+    return run
+
+
 def main_guard(main):
     """Run `main()`; a user error (bad setting, file, value) is one line on stderr + exit 2."""
     try:

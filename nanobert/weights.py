@@ -24,6 +24,7 @@ from nanobert import hub
 from nanobert.config import BertConfig
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+ADAPTER_NAME = "adapter.safetensors"  # LoRA: only the adapters + head, next to the base model's config
 INDEX_NAME = "model.safetensors.index.json"  # sharded HF checkpoints
 # Tensors a BERT checkpoint may hold that no nanobert model has as a parameter:
 # HF buffers, the tied decoder (it *is* the word embeddings), the NSP head of BertForPreTraining.
@@ -119,10 +120,10 @@ def read_checkpoint(path):
     return config, normalize_keys(tensors)
 
 
-def write_checkpoint(directory, config, tensors, architectures=None):
+def write_checkpoint(directory, config, tensors, architectures=None, weights_name=WEIGHTS_NAME):
     """config.json + model.safetensors (fp32) into `directory`, each file written atomically."""
     os.makedirs(directory, exist_ok=True)
-    write_safetensors(os.path.join(directory, WEIGHTS_NAME), {k: v.astype(np.float32) for k, v in tensors.items()},
+    write_safetensors(os.path.join(directory, weights_name), {k: v.astype(np.float32) for k, v in tensors.items()},
                       metadata={"format": "pt"})  # "pt": HF from_pretrained insists on a known format tag
     config.to_json(os.path.join(directory, CONFIG_NAME), architectures)
 

@@ -11,7 +11,7 @@ import transformers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (HEADS, TOL, TWINS, assert_close, hf_config, hf_forward_and_grads, hf_model, load_twin,
+from hf_reference import (HEADS, TOL, TWINS, assert_close, hf_config, hf_forward_and_grads, hf_model, load_twin,
                       twin_forward_and_grads)
 from nanobert import hub
 from nanobert.tokenizer import load_tokenizer

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import ROOT, run_script, tiny_config
+from tiny import ROOT, run_script, tiny_config
 from nanobert import checkpoint
 from nanobert.training import load_backend, micro_batches
 

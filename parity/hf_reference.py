@@ -1,0 +1,101 @@
+"""Helpers of the parity suite: HF reference models, the twins, and the tolerances.
+
+Tolerances (absolute, fp32), stated once and used by every parity test:
+- torch twin vs HF: 1e-5. Same framework, same kernels: differences come only from a
+  different but equivalent order of float operations (e.g. SDPA vs HF's attention path).
+  In practice most outputs agree bit-for-bit.
+- MLX twin vs HF: 1e-4. Another framework on another BLAS: each matmul rounds
+  differently (~1e-7 relative per op); over several layers, LayerNorms and a softmax
+  that grows to ~1e-6..1e-5 on activations of order 1-10, and gradients (sums over the
+  batch) grow a little more. 1e-4 leaves headroom while a real bug (LayerNorm eps 1e-5
+  instead of 1e-12, tanh instead of erf GELU, a missing mask) is caught: see
+  test_models.py::test_parity_catches_*.
+"""
+
+import numpy as np
+import torch
+import transformers
+
+import nanobert.model_mlx as M
+import nanobert.model_torch as T
+
+TOL = {"torch": 1e-5, "mlx": 1e-4}
+HEADS = ("BertForMaskedLM", "BertForSequenceClassification", "BertForQuestionAnswering")
+TWINS = {"torch": T, "mlx": M}
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+
+def hf_model(head, config, seed=0):
+    """A randomly initialised HF reference model (eval mode: no dropout)."""
+    torch.manual_seed(seed)
+    return getattr(transformers, head)(config).eval()
+
+
+def hf_config(**kw):
+    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                max_position_embeddings=64, type_vocab_size=2, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0)
+    return transformers.BertConfig(**{**base, **kw})
+
+
+def load_twin(backend, head, path):
+    model = getattr(TWINS[backend], head).from_pretrained(str(path))
+    model.eval()
+    return model
+
+
+def to_backend(backend, batch):
+    if backend == "torch":
+        return {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+    import mlx.core as mx
+    return {k: mx.array(np.asarray(v)) for k, v in batch.items()}
+
+
+def numpy(x):
+    return x.detach().numpy() if isinstance(x, torch.Tensor) else np.array(x)
+
+
+def twin_forward_and_grads(backend, model, batch):
+    """(Output with numpy fields, {param name: numpy grad}) for one forward + backward."""
+    inputs = to_backend(backend, batch)
+    if backend == "torch":
+        model.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        grads = {k: numpy(p.grad) for k, p in model.named_parameters() if p.grad is not None}
+    else:
+        import mlx.core as mx
+        import mlx.nn as nn
+        from mlx.utils import tree_flatten
+        captured = {}
+
+        def loss_fn(m):
+            captured["out"] = m(**inputs)
+            return captured["out"].loss
+        _, g = nn.value_and_grad(model, loss_fn)(model)
+        out = captured["out"]
+        mx.eval(g)
+        grads = {k: np.array(v) for k, v in tree_flatten(g)}
+    out = out._replace(**{f: ([numpy(h) for h in v] if isinstance(v, list) else numpy(v))
+                          for f, v in out._asdict().items() if v is not None})
+    return out, grads
+
+
+def hf_forward_and_grads(model, batch):
+    inputs = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+    inputs = {k: v.long() if not v.is_floating_point() else v for k, v in inputs.items()}
+    model.zero_grad()
+    out = model(**inputs, output_hidden_states=True)
+    out.loss.backward()
+    grads = {k: p.grad.numpy() for k, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def assert_close(a, b, tol, what):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, f"{what}: shape {a.shape} vs {b.shape}"
+    err = float(np.abs(a - b).max()) if a.size else 0.0
+    assert err <= tol, f"{what}: max abs difference {err:.3g} > {tol}"
+

@@ -73,7 +73,7 @@ def main():
     cfg = configure(DEFAULTS, sys.argv[1:], __doc__)
     models, E = load_backend(cfg.backend)
     if cfg.predict:
-        model, tokenizer = load_qa_model(models, cfg.init, cfg)
+        model, tokenizer = load_qa_model(models, cfg.init)
         return print_answers(cfg, E, model, tokenizer, read_questions(cfg))
     rank, world = E.init_distributed()
     master = rank == 0
@@ -81,7 +81,7 @@ def main():
     # --- data ---------------------------------------------------------------------------
     resume_path = checkpoint.resolve_resume(cfg.resume, cfg.out_dir)
     tokenizer = load_tokenizer(hub.resolve(cfg.init))
-    eval_examples = read_examples(cfg.eval_data, cfg.eval_articles, master)
+    eval_examples = read_examples(cfg.eval_data, cfg.eval_articles, "eval_articles", master)
     eval_windows = squad.squad_windows(eval_examples, tokenizer, cfg.max_length, cfg.doc_stride, train=False)
 
     def evaluate(step):
@@ -98,10 +98,10 @@ def main():
         return {f"eval_{k}": v for k, v in squad.squad_em_f1(answers, eval_examples).items()}
 
     if cfg.eval_only:
-        model, _ = load_qa_model(models, cfg.init, cfg)
+        model, _ = load_qa_model(models, cfg.init)
         print(json.dumps(evaluate(0)))
         return
-    train_examples = read_examples(cfg.train_data, cfg.train_articles, master)
+    train_examples = read_examples(cfg.train_data, cfg.train_articles, "train_articles", master)
     train = squad.squad_windows(train_examples, tokenizer, cfg.max_length, cfg.doc_stride, train=True)
     n_windows = len(train["input_ids"])
     global_batch = cfg.batch_size * cfg.grad_accum * world
@@ -141,7 +141,7 @@ def main():
     run = fit(cfg, E, model, opt, EpochLoader(epoch_batches, steps_per_epoch), max_iters, warmup_iters, evaluate,
               "eval_f1", rank, world, resume=resume, tokenizer=hub.resolve(cfg.init),
               model_state=(lambda: model.state_numpy(trainable_only=True)) if cfg.lora else None,
-              extra_state={"lora": lora_settings(cfg)} if cfg.lora else None)
+              extra_state={"lora": lora_settings(cfg)} if cfg.lora else None, adapter=bool(cfg.lora))
     if not master:
         return
 
@@ -152,19 +152,19 @@ def main():
           f"{run['steps']} steps ({run['train_s'] / max(run['steps'], 1):.2f} s/step, "
           f"{run['tokens'] / max(run['train_s'], 1e-9):.0f} tokens/s); trainable parameters {trainable:,}; "
           f"saved {os.path.getsize(saved) / 2**20:.1f} MiB; peak RSS {peak_rss_mb():.0f} MiB")
-    model, tokenizer = load_qa_model(models, best_dir, cfg)
+    model, tokenizer = load_qa_model(models, best_dir)
     if cfg.lora:  # fold the adapters into the base weights: a plain BERT checkpoint again
         models.merge_lora(model).save_pretrained(os.path.join(cfg.out_dir, "merged"))
         print(f"merged LoRA weights into {os.path.join(cfg.out_dir, 'merged')}")
     print_answers(cfg, E, model, tokenizer, [squad.SquadExample("demo", "", DEMO_CONTEXT, DEMO_QUESTION, (), ())])
 
 
-def read_examples(path, articles, verbose):
+def read_examples(path, articles, setting, verbose):
     """SQuAD examples of `path` (a slice "a:b" of its articles); skipped questions are reported."""
     try:
         selected = slice(*[int(x) if x else None for x in articles.split(":")]) if articles else None
     except (TypeError, ValueError):
-        raise SettingsError(f"article slice must look like 0:24, got {articles!r}") from None
+        raise SettingsError(f"setting '{setting}' must be a slice of articles like 0:24, got {articles!r}") from None
     examples, skipped = squad.load_squad(path, selected)
     if verbose:
         for reason, ids in skipped.items():
@@ -192,10 +192,11 @@ def lora_targets(cfg):
 
 
 def lora_settings(cfg):
-    return {"r": cfg.lora, "alpha": cfg.lora_alpha, "targets": lora_targets(cfg), "base": hub.resolve(cfg.init)}
+    return {"r": cfg.lora, "alpha": cfg.lora_alpha, "targets": lora_targets(cfg),
+            "base": os.path.abspath(hub.resolve(cfg.init))}
 
 
-def load_qa_model(models, path, cfg):
+def load_qa_model(models, path):
     """(model, tokenizer) from a QA checkpoint: a full model, or a LoRA adapter checkpoint
     (adapter.safetensors + the base model it was trained on, named in its state.json)."""
     path = hub.resolve(path)

@@ -55,7 +55,6 @@ def main():
     if cfg.predict:
         return predict(cfg, models, E)
     rank, world = E.init_distributed()
-    master = rank == 0
 
     # --- data ---------------------------------------------------------------------------
     resume_path = checkpoint.resolve_resume(cfg.resume, cfg.out_dir)

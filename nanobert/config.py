@@ -7,8 +7,9 @@ and written back, so a round trip loses nothing.
 """
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
+
+from nanobert.fileio import atomic_path
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu")  # gelu = exact erf GELU, gelu_new = tanh approx
 PROBLEM_TYPES = (None, "regression", "single_label_classification")
@@ -124,9 +125,7 @@ class BertConfig:
 
     def to_json(self, path, architectures=None):
         """Write atomically: a crash never leaves a half-written config.json."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(architectures), f, indent=2)
             f.write("\n")
-        os.replace(tmp, path)
 

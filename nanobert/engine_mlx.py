@@ -15,10 +15,11 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-from nanobert.optim_mlx import AdamW, clip_grad_norm  # noqa: E402
+from nanobert.optim_mlx import AdamW, clip_grad_norm  # noqa: E402,F401  (AdamW: the scripts use E.AdamW)
 from nanobert.training import launched_world_size, n_items  # noqa: E402
 
 GROUP = None  # the mx.distributed group, once init_distributed() ran under a launcher
+COMPILED = {}  # id(model) -> its compiled loss-and-gradient function, once compile(model) ran
 
 
 def init_distributed():
@@ -47,6 +48,18 @@ def seed(seed):
     mx.random.seed(seed)
 
 
+def compile(model):
+    """mx.compile the loss-and-gradient function of train_step: MLX traces it once per batch
+    shape and fuses elementwise chains. It reads and writes the model's parameters and the
+    RNG (dropout), so those are declared as the compiled function's state."""
+    state = [model.state, mx.random.state]
+    COMPILED[id(model)] = mx.compile(_loss_and_grad(model), inputs=state, outputs=state)
+
+
+def _loss_and_grad(model):
+    return nn.value_and_grad(model, lambda batch, weight: model(**batch).loss * weight)
+
+
 def tensors(batch):
     return {k: mx.array(v) for k, v in batch.items()}
 
@@ -68,13 +81,13 @@ def train_step(model, opt, micro_batches, lr, grad_clip, seed):
     """
     model.train()
     mx.random.seed(seed)
-    loss_and_grad = nn.value_and_grad(model, lambda batch, weight: model(**batch).loss * weight)
+    loss_and_grad = COMPILED.get(id(model)) or _loss_and_grad(model)
     counts = [n_items(b) for b in micro_batches]
     total = all_sum(sum(counts))
     grads, loss = None, mx.array(0.0)
     for batch, n in zip(micro_batches, counts):
         if n:
-            part, g = loss_and_grad(tensors(batch), n / total)
+            part, g = loss_and_grad(tensors(batch), mx.array(n / total))
             g = dict(tree_flatten(g))
             grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
             loss = loss + part

@@ -10,7 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from nanobert.optim_torch import AdamW, clip_grad_norm
+from nanobert.optim_torch import AdamW, clip_grad_norm  # noqa: F401  (AdamW: the scripts use E.AdamW)
 from nanobert.training import n_items
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,6 +40,12 @@ def prepare(model):
 def seed(seed):
     """Seed the framework RNG (weight init of new heads and LoRA adapters, dropout)."""
     torch.manual_seed(seed)
+
+
+def compile(model):
+    """torch.compile the model's forward in place (state-dict names unchanged); new batch
+    shapes trigger a recompile, marked dynamic after the first."""
+    model.compile()
 
 
 def tensors(batch):

@@ -52,8 +52,10 @@ import msgpack
 import numpy as np
 from tqdm import tqdm
 
+from nanobert.fileio import atomic_path
 from nanobert.hub import resolve
 from nanobert.tokenizer import load_tokenizer, save_tokenizer, special_ids, train_wordpiece
+from nanobert.training import sparse_positions
 
 UNK_TEXT = "[UNK]"  # what WikiText's <unk> becomes
 SHARD_FORMAT, SHARD_VERSION = "nanobert-mlm-shard", 1
@@ -231,20 +233,8 @@ def write_shard(path, samples, header):
     token_ids = ids.astype(dtype).tobytes()
     header = {"format": SHARD_FORMAT, "version": SHARD_VERSION, **header, "num_samples": len(samples),
               "num_tokens": int(lengths.sum()), "dtype": dtype, "crc32": zlib.crc32(token_ids, zlib.crc32(offsets))}
-    _write_atomic(path, msgpack.packb({"header": header, "offsets": offsets, "token_ids": token_ids}))
-
-
-def _write_atomic(path, data):
-    """Readers see the old file or the whole new one, never a half-written one."""
-    tmp = f"{path}.tmp-{os.getpid()}"  # same directory, so os.replace is a rename
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(msgpack.packb({"header": header, "offsets": offsets, "token_ids": token_ids}))
 
 
 def read_shard(path, expect_vocab_hash=None, expect_max_len=None):
@@ -389,10 +379,7 @@ def mask_tokens(input_ids, rng, special_ids, vocab_size, mask_id, mlm_prob=0.15)
     masked[chosen[action < 0.8]] = mask_id
     randomized = chosen[(action >= 0.8) & (action < 0.9)]
     masked[randomized] = _random_ordinary_ids(rng, randomized.size, vocab_size, special_ids)
-    ignored = np.flatnonzero(labels == -100)
-    positions = np.full(slots, ignored[0] if ignored.size else 0, np.int32)
-    positions[:chosen.size] = chosen
-    return masked.reshape(input_ids.shape), labels.reshape(input_ids.shape), positions
+    return masked.reshape(input_ids.shape), labels.reshape(input_ids.shape), sparse_positions(labels, slots)
 
 
 def _random_ordinary_ids(rng, n, vocab_size, sorted_special_ids):
@@ -543,5 +530,6 @@ def prepare(input, out_dir, vocab=None, vocab_size=8192, max_len=128, builder="s
                          "unk_tokens": int(sum((s == ids["unk"]).sum() for s in samples)), "shards": files}
     summary = {"settings": settings, **{k: header[k] for k in ("vocab_size", "vocab_sha256")}, "splits": splits,
                "seconds": round(time.perf_counter() - start, 2)}
-    _write_atomic(summary_path, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    with atomic_path(summary_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -403,7 +403,7 @@ def _lora_parent(layer, target):
     path = ("attention.self." + target if target in ("query", "key", "value") else target).split(".")
     parent = layer
     for part in path[:-1]:
-        parent = getattr(parent, part)
-    if not isinstance(parent.get(path[-1]), nn.Linear):
+        parent = getattr(parent, part, None)
+    if not isinstance(getattr(parent, path[-1], None), nn.Linear):
         raise ValueError(f"LoRA target {target!r} is not a Linear in a BertLayer")
     return parent, path[-1]

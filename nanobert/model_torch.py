@@ -212,7 +212,8 @@ class BertPreTrainedModel(nn.Module):
 
     def state_numpy(self, trainable_only=False):
         """{HF name: numpy array}; trainable_only: just what trains (LoRA adapters + head)."""
-        return {k: v.detach().cpu().numpy() for k, v in self.named_parameters() if v.requires_grad or not trainable_only}
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.named_parameters()
+                if v.requires_grad or not trainable_only}
 
     def load_numpy(self, state):
         """Copy numpy arrays into the parameters they name (names and shapes already checked)."""
@@ -385,7 +386,7 @@ def _lora_parent(layer, target):
     path = ("attention.self." + target if target in ("query", "key", "value") else target).split(".")
     parent = layer
     for part in path[:-1]:
-        parent = getattr(parent, part)
+        parent = getattr(parent, part, None)
     if not isinstance(getattr(parent, path[-1], None), nn.Linear):
         raise ValueError(f"LoRA target {target!r} is not a Linear in a BertLayer")
     return parent, path[-1]

@@ -14,7 +14,6 @@ torch or mlx.
 
 import collections
 import json
-import os
 import re
 import string
 import warnings
@@ -23,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 from tokenizers import Tokenizer
 
+from nanobert.fileio import atomic_path
 from nanobert.tokenizer import special_ids
 
 
@@ -251,11 +251,9 @@ def postprocess_qa(examples, windows, start_logits, end_logits, n_best=20, max_a
 
 def write_predictions(path, predictions):
     """Write {id: answer_text} as the official predictions JSON, atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(predictions, f, ensure_ascii=False, indent=1)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 # --- official metrics (evaluate-v1.1.py) -----------------------------------------------------

@@ -15,6 +15,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from nanobert.fileio import atomic_path
+
 
 class SettingsError(ValueError):
     """A bad setting on the command line or in a config file; the message names it."""
@@ -135,8 +137,25 @@ def micro_batches(batch, rank, world, grad_accum, trim=True):
     for rows in parts:
         if len(rows):
             T = int(batch["attention_mask"][rows].sum(1).max()) if trim else batch["input_ids"].shape[1]
-            out.append({k: (v[rows, :T] if v.ndim == 2 else v[rows]) for k, v in batch.items()})
+            part = {k: v[rows, :T] for k, v in batch.items() if v.ndim == 2}
+            part.update({k: v[rows] for k, v in batch.items() if v.ndim == 1 and k != "masked_positions"})
+            if "masked_positions" in batch:  # MLM's sparse head: positions into this part's B*T, as many
+                slots = math.ceil(batch["masked_positions"].size * part["labels"].size / batch["labels"].size)
+                part["masked_positions"] = sparse_positions(part["labels"], slots)  # slots per token as the batch
+            out.append(part)
     return out
+
+
+def sparse_positions(labels, slots):
+    """(slots,) int32: the flat indices of the labelled (!= -100) positions of `labels`, in
+    order, then padding with the first unlabelled position (ignored by the loss). A fixed
+    number of slots keeps shapes stable for compiled steps; more labels than slots widen it."""
+    flat = labels.reshape(-1)
+    chosen = np.flatnonzero(flat != -100).astype(np.int32)
+    ignored = np.flatnonzero(flat == -100)
+    positions = np.full(max(len(chosen), slots), ignored[0] if len(ignored) else 0, np.int32)
+    positions[:len(chosen)] = chosen
+    return positions
 
 
 def step_seed(seed, step, rank):
@@ -218,10 +237,9 @@ class MetricsLog:
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=110)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
-        os.replace(tmp, path)
 
 
 # --- the training loop of all three scripts -------------------------------------------------
@@ -254,17 +272,18 @@ class EpochLoader:
 
 
 def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metric, rank=0, world=1,
-        resume=None, tokenizer=None, model_state=None, extra_state=None, panels=None, trim=True):
+        resume=None, tokenizer=None, model_state=None, extra_state=None, panels=None, trim=True, adapter=False):
     """Train `model` for `max_iters` optimizer steps; evaluate, log and checkpoint on the way.
 
     cfg: the script's settings (lr, min_lr, grad_clip, grad_accum, seed, log_every,
-    eval_every, max_checkpoints, out_dir). loader: .next() -> a global batch (numpy), and
-    .state_dict()/.load_state_dict() for resuming; .end_of_epoch() if it has epochs.
+    eval_every, max_checkpoints, out_dir). loader: .next() -> a global batch (numpy), .epoch,
+    and .state_dict()/.load_state_dict() for resuming; .end_of_epoch() if epochs matter.
     evaluate(step) -> {metric: value}, run on rank 0 only (the others wait at the next
     gradient sum). best_metric: the metric whose maximum is kept as out_dir/best.
     resume: a loaded checkpoint (checkpoint.load) to continue from. model_state: what to
-    save of the model (default: everything; LoRA saves only what trains). panels: [(title,
-    [metric names])] to plot beside loss and lr (default: all evaluation metrics in one).
+    save of the model (default: everything; LoRA saves only what trains, with adapter=True:
+    as adapter.safetensors, see checkpoint.save). panels: [(title,
+    [metric names])] to plot (default: train loss, all evaluation metrics, lr).
     trim: cut micro-batches to their longest row (off to measure fixed padding).
     Returns {"best": best value of best_metric, "train_s": seconds spent in training steps,
     "tokens": non-padding tokens trained on, "steps": optimizer steps taken} (this run only).
@@ -277,7 +296,9 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
     if resume is not None:
         opt.load_numpy(resume.optimizer)
         loader.load_state_dict(resume.state["data"])
-        step, best = resume.state["step"], resume.state["best"]
+        step = resume.state["step"]
+        # the best so far, if its checkpoint is here (resuming from elsewhere starts a new `best`)
+        best = resume.state["best"] if os.path.isdir(os.path.join(cfg.out_dir, "best")) else None
     log = MetricsLog(cfg.out_dir, resume_step=step if resume is not None else None, enabled=master)
     run = {"best": best, "train_s": 0.0, "tokens": 0, "steps": 0}  # this process's run, for the caller
     window_tokens, window_s = 0, 0.0  # since the last log line
@@ -294,7 +315,7 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
         bar.update()
         if step % cfg.log_every == 0 or step == max_iters:
             log.log(step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=window_tokens / window_s,
-                    **loader.state_dict())
+                    epoch=loader.epoch)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", tok_s=f"{window_tokens / window_s:.0f}")
             run["train_s"], run["tokens"] = run["train_s"] + window_s, run["tokens"] + window_tokens
             window_tokens, window_s = 0, 0.0
@@ -310,15 +331,16 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
             if best is None or metrics[best_metric] > best:
                 best = run["best"] = metrics[best_metric]
                 checkpoint.save(cfg.out_dir, step, model.config, weights, None, {**state, "best": best},
-                                name="best", tokenizer=tokenizer)
+                                name="best", tokenizer=tokenizer, adapter=adapter)
             checkpoint.save(cfg.out_dir, step, model.config, weights, opt.state_numpy(), {**state, "best": best},
-                            cfg.max_checkpoints, tokenizer=tokenizer)
+                            cfg.max_checkpoints, tokenizer=tokenizer, adapter=adapter)
     bar.close()
     if master:
         if panels is None:
-            panels = [("evaluation", sorted({k for r in log.read() for k in r} - {"step", "time", "loss", "lr",
-                                             "grad_norm", "tokens_per_s"} - set(loader.state_dict())))]
-        log.plot(os.path.join(cfg.out_dir, "metrics.png"), [("train loss", ["loss"]), *panels, ("learning rate", ["lr"])])
+            evaluated = sorted({k for r in log.read() for k in r} - {"step", "time", "loss", "lr", "grad_norm",
+                                                                     "tokens_per_s", "epoch"})
+            panels = [("train loss", ["loss"]), ("evaluation", evaluated), ("learning rate", ["lr"])]
+        log.plot(os.path.join(cfg.out_dir, "metrics.png"), panels)
     return run
 
 

@@ -14,13 +14,13 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from nanobert import hub
+from nanobert.fileio import atomic_path
 from nanobert.config import BertConfig
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
@@ -85,14 +85,8 @@ def _load_bf16(path, header):
 
 def write_safetensors(path, tensors, metadata=None):
     """Atomic write: to a temp file in the same directory, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # --- checkpoints (directories) -----------------------------------------------------------

@@ -99,3 +99,31 @@ def assert_close(a, b, tol, what):
     err = float(np.abs(a - b).max()) if a.size else 0.0
     assert err <= tol, f"{what}: max abs difference {err:.3g} > {tol}"
 
+
+CLS, SEP = 2, 3  # ids used as [CLS]/[SEP] in the random vocabularies
+
+
+def random_batch(rng, head, config, B, T, min_len=2):
+    """Token ids with [CLS] ... [SEP] then padding, random lengths (>= 2: a row may hold only
+    [CLS][SEP]), token types switching inside each row, and labels for the head."""
+    lengths = rng.integers(min_len, T + 1, B)
+    lengths[0] = T  # one full row, so the batch really is T long
+    ids = rng.integers(5, config.vocab_size, (B, T)).astype(np.int32)
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+    ids[:, 0] = CLS
+    ids[np.arange(B), lengths - 1] = SEP
+    ids[mask == 0] = config.pad_token_id
+    types = ((np.arange(T)[None] >= rng.integers(1, T + 1, (B, 1))) & (mask == 1)).astype(np.int32)
+    batch = dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    if head == "BertForMaskedLM":
+        labels = np.where((rng.random((B, T)) < 0.3) & (mask == 1), ids, -100).astype(np.int32)
+        labels[0, 1] = ids[0, 1]  # at least one target, else the loss is 0/0 (NaN, in HF too)
+        batch["labels"] = labels
+    elif head == "BertForSequenceClassification":
+        batch["labels"] = rng.integers(0, config.num_labels, B).astype(np.int32)
+    else:
+        # Positions beyond T are clamped to T and ignored (HF's rule): keep one in range.
+        batch["start_positions"] = rng.integers(0, T + 3, B).astype(np.int32)
+        batch["end_positions"] = rng.integers(0, T + 3, B).astype(np.int32)
+        batch["start_positions"][0] = batch["end_positions"][0] = T - 1
+    return batch

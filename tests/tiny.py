@@ -40,6 +40,8 @@ def synthetic_sentences(rng, n):
 
 def run_script(args, launcher=None, timeout=300, env=None):
     """Run a top-level script in a fresh process (with `launcher`, e.g. [torchrun, ...], instead
-    of plain python). Returns the CompletedProcess; the timeout turns a hang into a failure."""
+    of plain python), on one thread (see conftest.one_torch_thread). Returns the
+    CompletedProcess; the timeout turns a hang into a failure."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **(env or {})}
     return subprocess.run((launcher or [sys.executable]) + args, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
+                          timeout=timeout, env=env)

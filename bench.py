@@ -1,0 +1,213 @@
+"""Benchmark: the torch twin, the MLX twin and HF transformers on the same work, in one process.
+
+    python bench.py                          # every workload; a table, fp32 on CPU
+    python bench.py --workloads mlm,qa_infer --repeats 7 --json bench.json
+    python bench.py --compile                # also torch.compile / mx.compile variants
+    python bench.py --memory                 # also peak RSS of each implementation (one process each)
+
+Each workload builds HF's model from a random config, saves it, and loads both twins from
+that file (the shared format), so all three start from the same weights and see the same
+batches. Steps are interleaved (HF, torch, MLX, HF, ...) after warm-up, so a noisy machine
+slows all three alike; we report the median and the spread (min-max) of the repeats,
+tokens/s, the ratio to HF, and MFU: the step's matmul FLOPs (as that implementation runs
+them) over the GEMM peak measured in the same run for its framework. Training steps are
+forward + backward + AdamW (HF: torch.optim.AdamW, sdpa attention, dense MLM head; ours:
+the sparse MLM head, our AdamW); inference is a no-grad forward.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import nanobert.engine_mlx as EM  # first: MLX's BLAS + allocator fixes (nanobert/mlx_cpu.py)
+import nanobert.engine_torch as ET
+import nanobert.model_mlx as MM
+import nanobert.model_torch as MT
+from nanobert import mlx_cpu
+from nanobert.mlm_data import mask_tokens
+from nanobert.training import micro_batches
+
+import mlx.core as mx  # noqa: E402  (after nanobert.mlx_cpu)
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+# name: (head, config, batch, seq, train?)
+WORKLOADS = {
+    "mlm": ("BertForMaskedLM", {**MINILM, "vocab_size": 30522}, 32, 128, True),
+    "mlm_v8k": ("BertForMaskedLM", {**MINILM, "vocab_size": 8192}, 32, 128, True),
+    "cls": ("BertForSequenceClassification", {**MINILM, "vocab_size": 30522}, 32, 128, True),
+    "qa": ("BertForQuestionAnswering", {**MINILM, "vocab_size": 30522}, 8, 384, True),
+    "qa_infer": ("BertForQuestionAnswering", {**MINILM, "vocab_size": 30522}, 16, 384, False),
+    "mlm_base": ("BertForMaskedLM", {**BASE, "vocab_size": 30522}, 8, 128, True),
+}
+
+
+def make_batch(head, config, B, T, rng):
+    ids = rng.integers(1000, config["vocab_size"], (B, T)).astype(np.int32)
+    ids[:, 0], ids[:, -1] = 101, 102
+    batch = {"input_ids": ids, "attention_mask": np.ones((B, T), np.int32), "token_type_ids": np.zeros((B, T), np.int32)}
+    if head == "BertForMaskedLM":
+        masked, labels, positions = mask_tokens(ids, rng, (0, 100, 101, 102, 103), config["vocab_size"], 103)
+        batch.update(input_ids=masked, labels=labels, masked_positions=positions)
+    elif head == "BertForSequenceClassification":
+        batch["labels"] = rng.integers(0, 2, B).astype(np.int32)
+    else:
+        batch["start_positions"] = rng.integers(0, T, B).astype(np.int32)
+        batch["end_positions"] = rng.integers(0, T, B).astype(np.int32)
+    return batch
+
+
+def matmul_flops(head, config, B, T, n_masked, train, dense_head):
+    """FLOPs of the step's matmuls (2 per multiply-add; backward = 2x forward)."""
+    H, L, F, V = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"], config["vocab_size"]
+    tokens = B * T
+    per_token = L * (2 * 4 * H * H + 2 * 2 * H * F + 2 * 2 * T * H)  # QKV+O, FFN, scores + weighted sum
+    flops = tokens * per_token
+    if head == "BertForMaskedLM":
+        decoded = tokens if dense_head else n_masked
+        flops += decoded * (2 * H * H + 2 * H * V)  # transform + decoder
+    elif head == "BertForQuestionAnswering":
+        flops += tokens * 2 * H * 2
+    return flops * (3 if train else 1)
+
+
+def gemm_peak(framework, n=2048, repeats=5):
+    """Median GFLOP/s of an n x n fp32 matmul."""
+    if framework == "torch":
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        run = lambda: a @ b  # noqa: E731
+    else:
+        a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+        run = lambda: mx.eval(a @ b)  # noqa: E731
+    run()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def build(name, compile_twins=False):
+    """{impl: step function} for one workload, all three from one saved HF checkpoint."""
+    head, config, B, T, train = WORKLOADS[name]
+    torch.manual_seed(0)
+    hf = getattr(transformers, head)(transformers.BertConfig(**config), attn_implementation="sdpa")
+    tmp = tempfile.mkdtemp()
+    hf.save_pretrained(tmp)
+    batch = make_batch(head, config, B, T, np.random.default_rng(0))
+    hf_batch = {k: torch.from_numpy(v).long() for k, v in batch.items() if k != "masked_positions"}
+    twin_t, twin_m = getattr(MT, head).from_pretrained(tmp), getattr(MM, head).from_pretrained(tmp)
+    if compile_twins:
+        ET.compile(twin_t)
+        EM.compile(twin_m)
+    steps = {}
+    if train:
+        hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.01)
+        hf.train()
+
+        def hf_step():
+            hf(**hf_batch).loss.backward()
+            hf_opt.step()
+            hf_opt.zero_grad(set_to_none=True)
+        opt_t, opt_m = ET.AdamW(twin_t), EM.AdamW(twin_m)
+        parts = micro_batches(batch, 0, 1, 1)
+        steps = {"hf": hf_step, "torch": lambda: ET.train_step(twin_t, opt_t, parts, 1e-5, 1.0, 0),
+                 "mlx": lambda: EM.train_step(twin_m, opt_m, parts, 1e-5, 1.0, 0)}
+    else:
+        hf.eval()
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        hf_inputs = {k: torch.from_numpy(v).long() for k, v in inputs.items()}
+
+        def hf_step():
+            with torch.inference_mode():
+                hf(**hf_inputs)
+        steps = {"hf": hf_step, "torch": lambda: ET.predict(twin_t, inputs), "mlx": lambda: EM.predict(twin_m, inputs)}
+    n_masked = int((batch["labels"] != -100).sum()) if head == "BertForMaskedLM" else 0
+    flops = {impl: matmul_flops(head, config, B, T, n_masked, train, dense_head=impl == "hf") for impl in steps}
+    return steps, flops, B * T
+
+
+def time_workload(name, repeats, warmup, compile_twins=False):
+    steps, flops, tokens = build(name, compile_twins)
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {impl: [] for impl in steps}
+    for _ in range(repeats):
+        for impl, step in steps.items():  # interleaved: machine noise hits all alike
+            t = time.perf_counter()
+            step()
+            times[impl].append(time.perf_counter() - t)
+    return times, flops, tokens
+
+
+def peak_rss(name, impl, compile_twins):
+    """Peak RSS (MiB) of a fresh process that runs only `impl` on `name` (3 steps)."""
+    code = (f"import bench, resource\nsteps, _, _ = bench.build({name!r}, {compile_twins})\n"
+            f"[steps[{impl!r}]() for _ in range(3)]\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__) or ".")
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="compile the twins (torch.compile, mx.compile)")
+    parser.add_argument("--memory", action="store_true", help="also measure peak RSS, one process per implementation")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    names = args.workloads.split(",")
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        sys.exit(f"bench.py: error: unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
+    peaks = {"torch": gemm_peak("torch"), "mlx": gemm_peak("mlx")}
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__} " \
+              f"({torch.get_num_threads()} threads), mlx {mx.__version__} (BLAS: {mlx_cpu.loaded_blas()}), " \
+              f"transformers {transformers.__version__}"
+    print(f"machine: {machine}\nGEMM peak (2048^3 fp32): torch {peaks['torch']:.0f} GFLOP/s, MLX {peaks['mlx']:.0f} GFLOP/s")
+    print(f"{'workload':10s} {'impl':6s} {'median s':>9s} {'spread s':>15s} {'tokens/s':>9s} {'vs HF':>6s} {'MFU':>5s}"
+          + (f" {'peak RSS MiB':>12s}" if args.memory else ""))
+    results = []
+    for name in names:
+        times, flops, tokens = time_workload(name, args.repeats, args.warmup, args.compile)
+        hf_rate = tokens / statistics.median(times["hf"])
+        for impl, ts in times.items():
+            med = statistics.median(ts)
+            peak = peaks["mlx" if impl == "mlx" else "torch"]
+            row = {"workload": name, "impl": impl, "median_s": med, "min_s": min(ts), "max_s": max(ts),
+                   "tokens_per_s": tokens / med, "vs_hf": tokens / med / hf_rate,
+                   "mfu": flops[impl] / med / (peak * 1e9), "compiled": args.compile and impl != "hf"}
+            if args.memory:
+                row["peak_rss_mib"] = peak_rss(name, impl, args.compile)
+            results.append(row)
+            print(f"{name:10s} {impl:6s} {med:9.3f} {row['min_s']:7.3f}-{row['max_s']:<7.3f} {row['tokens_per_s']:9.0f} "
+                  f"{row['vs_hf']:6.2f} {100 * row['mfu']:4.0f}%"
+                  + (f" {row['peak_rss_mib']:12.0f}" if args.memory else ""), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "gemm_peak_gflops": peaks, "repeats": args.repeats, "results": results,
+                       "peak_rss_of_this_process_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,7 @@ Settings are the DEFAULTS below; override them with --config FILE.ini and/or --k
 Phases: settings -> data -> model -> optimizer -> loop (evaluate, show, checkpoint) -> save.
 """
 
+import glob
 import os
 import sys
 
@@ -62,6 +63,7 @@ DEFAULTS = dict(
     eval_every=100,
     eval_samples=0,                   # validation samples per evaluation (0: all)
     log_every=10,
+    save_every=0,                    # optimizer steps between extra checkpoints (resume points; 0: none)
     max_checkpoints=2,
     resume="",                        # bare --resume: latest checkpoint in out_dir; or a checkpoint path
     seed=0,
@@ -119,11 +121,7 @@ def main():
                                   expect_vocab_hash=vocab_hash, expect_max_len=cfg.max_len)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     loader = MLMBatches(stream, global_batch, specials, vocab_size, cfg.mlm_prob, cfg.seed)
-    val = mlm_data.read_split(os.path.join(cfg.data_dir, "val-*.msgpack"), vocab_hash, cfg.max_len)
-    val = val[:cfg.eval_samples] if cfg.eval_samples else val
-    val_rng = np.random.default_rng([cfg.seed, 12345])  # one fixed masking of the validation set
-    val_batches = [mlm_data.mlm_batch(val[i:i + 64], val_rng, specials, vocab_size, cfg.mlm_prob)
-                   for i in range(0, len(val), 64)]
+    val_batches = heldout_batches(cfg, "val", specials, vocab_size, vocab_hash)
     baseline = unigram_accuracy(stream, val_batches, vocab_size)
     max_iters = cfg.max_steps
     warmup_iters = round(cfg.warmup * max_iters) if cfg.warmup < 1 else int(cfg.warmup)
@@ -150,24 +148,15 @@ def main():
     if master:
         n_params = sum(v.size for v in model.state_numpy().values())
         train = summary["splits"]["train"]
-        print(f"MLM: {train['samples']} train samples ({train['tokens']:,} tokens), {len(val)} validation samples, "
+        print(f"MLM: {train['samples']} train samples ({train['tokens']:,} tokens), "
+              f"{summary['splits']['val']['samples']} validation samples, "
               f"vocabulary {vocab_size}; {n_params / 1e6:.2f}M parameters; {max_iters} steps of {global_batch} samples "
               f"({world} process(es)), backend {cfg.backend}; unigram baseline accuracy {baseline:.2f}%"
               + (f"; resuming from {resume_path}" if resume_path else ""))
 
     def evaluate(step):
-        """Validation loss, perplexity and accuracy on the masked tokens; and one passage shown."""
-        loss_sum = correct = total = 0
-        for batch in val_batches:
-            out = E.predict(model, batch)
-            labels = batch["labels"].reshape(-1)[batch["masked_positions"]]
-            n = int((labels != -100).sum())
-            loss_sum, total = loss_sum + float(out["loss"]) * n, total + n
-            correct += int(((out["logits"].argmax(-1) == labels) & (labels != -100)).sum())
         tqdm.write(show_predictions(tokenizer, E, model, val_batches[0], color=sys.stdout.isatty()))
-        loss = loss_sum / total
-        return {"val_loss": loss, "val_perplexity": float(np.exp(loss)), "val_accuracy": 100.0 * correct / total,
-                "unigram_accuracy": baseline}
+        return {**mlm_metrics(E, model, val_batches, "val"), "unigram_accuracy": baseline}
 
     # --- training loop (nanobert/training.py: fit) --------------------------------------------
     run = fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, "val_accuracy", rank, world,
@@ -175,10 +164,36 @@ def main():
               panels=[("loss", ["loss", "val_loss"]), ("masked-token accuracy (%)", ["val_accuracy", "unigram_accuracy"]),
                       ("learning rate", ["lr"])])
     if master:
+        test = heldout_batches(cfg, "test", specials, vocab_size, vocab_hash)
+        final = mlm_metrics(E, model, test, "test") if test else {}
         print(f"best validation accuracy {run['best']:.2f}% (unigram baseline {baseline:.2f}%), model in "
-              f"{os.path.join(cfg.out_dir, 'best')}; training {run['train_s']:.0f} s, "
-              f"{run['tokens'] / max(run['train_s'], 1e-9):.0f} tokens/s; peak RSS {peak_rss_mb():.0f} MiB; "
-              f"curves in {os.path.join(cfg.out_dir, 'metrics.png')}")
+              f"{os.path.join(cfg.out_dir, 'best')}"
+              + "".join(f"; final {k} {v:.4g}" for k, v in final.items())
+              + f"; training {run['train_s']:.0f} s, {run['tokens'] / max(run['train_s'], 1e-9):.0f} tokens/s; "
+              f"peak RSS {peak_rss_mb():.0f} MiB; curves in {os.path.join(cfg.out_dir, 'metrics.png')}")
+
+
+def heldout_batches(cfg, split, specials, vocab_size, vocab_hash):
+    """The `split` shards as batches of 64, masked once with a fixed seed (comparable evaluations)."""
+    pattern = os.path.join(cfg.data_dir, f"{split}-*.msgpack")
+    samples = mlm_data.read_split(pattern, vocab_hash, cfg.max_len) if glob.glob(pattern) else []
+    samples = samples[:cfg.eval_samples] if cfg.eval_samples else samples
+    rng = np.random.default_rng([cfg.seed, 12345])
+    return [mlm_data.mlm_batch(samples[i:i + 64], rng, specials, vocab_size, cfg.mlm_prob)
+            for i in range(0, len(samples), 64)]
+
+
+def mlm_metrics(E, model, batches, prefix):
+    """Loss, perplexity and accuracy on the masked tokens of `batches`."""
+    loss_sum = correct = total = 0
+    for batch in batches:
+        out = E.predict(model, batch)
+        labels = batch["labels"].reshape(-1)[batch["masked_positions"]]
+        n = int((labels != -100).sum())
+        loss_sum, total = loss_sum + float(out["loss"]) * n, total + n
+        correct += int(((out["logits"].argmax(-1) == labels) & (labels != -100)).sum())
+    loss = loss_sum / total
+    return {f"{prefix}_loss": loss, f"{prefix}_perplexity": float(np.exp(loss)), f"{prefix}_accuracy": 100.0 * correct / total}
 
 
 def unigram_accuracy(stream, val_batches, vocab_size):

@@ -43,10 +43,16 @@ def blas_candidates():
     if os.environ.get("NANOBERT_BLAS"):
         return [os.environ["NANOBERT_BLAS"]]
     found = [ctypes.util.find_library("openblas")] + [p for p in OPENBLAS_PATHS if os.path.exists(p)]
+    return [c for c in found if c] + ([_torch_blas()] if _torch_blas() else [])
+
+
+def _torch_blas():
+    """torch's libtorch_cpu.so (it exports sgemm_, backed by MKL or OpenBLAS), if torch is installed."""
     spec = importlib.util.find_spec("torch")
     if spec and spec.submodule_search_locations:
-        found.append(os.path.join(spec.submodule_search_locations[0], "lib", "libtorch_cpu.so"))
-    return [c for c in found if c]
+        path = os.path.join(spec.submodule_search_locations[0], "lib", "libtorch_cpu.so")
+        return path if os.path.exists(path) else None
+    return None
 
 
 def _preload():
@@ -57,10 +63,20 @@ def _preload():
     if "mlx.core" in sys.modules:
         print("nanobert: warning: mlx.core was imported before nanobert.model_mlx, so MLX may keep its slow "
               "reference BLAS; import nanobert first", file=sys.stderr)
+    # OpenBLAS's idle threads spin for a while after each call; in a process that also runs
+    # torch (tests, bench.py) they would steal its cores: let them sleep at once.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     world = launched_world_size()
     if world > 1:  # N processes on one machine: share the cores instead of oversubscribing them
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
             os.environ.setdefault(var, str(max(1, (os.cpu_count() or 1) // world)))
+    torch_blas = _torch_blas()
+    if torch_blas:
+        # torch resolves its own `sgemm_` through the same global scope: open it first, so
+        # torch keeps its BLAS (an OpenBLAS sgemm_ called from inside torch's OpenMP threads
+        # oversubscribes the cores: 6x slower attention). MLX calls `cblas_sgemm`, which
+        # only the OpenBLAS below defines, if there is one.
+        ctypes.CDLL(torch_blas, mode=ctypes.RTLD_GLOBAL)
     for path in blas_candidates():
         try:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)

@@ -34,6 +34,17 @@ class Output(NamedTuple):
     pooler_output: torch.Tensor | None = None
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout with its mask drawn by torch.rand_like instead of bernoulli_: the same
+    distribution (keep with probability 1 - p, scale by 1 / (1 - p)), twice as fast on CPU,
+    where drawing the random numbers is most of dropout's cost."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return x.masked_fill(torch.rand_like(x) < self.p, 0.0) * (1.0 / (1.0 - self.p))
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -42,7 +53,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids):
         """(B, T) ids -> (B, T, H)"""
@@ -59,16 +70,22 @@ class BertSelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.dropout = Dropout(config.attention_probs_dropout_prob)
 
     def forward(self, x, mask):
         """x (B, T, H), mask (B, 1, 1, T) additive or None -> (B, T, H)"""
         B, T, _ = x.shape
         q, k, v = (proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))
-        # One fused kernel for softmax(q k^T / sqrt(d) + mask) v, attention dropout included.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout.p if self.training else 0.0)
+        scale = self.head_dim ** -0.5
+        if self.training and self.dropout.p > 0:
+            # Spelled out when training: SDPA's own attention dropout is the slow bernoulli_ one
+            # (and without dropout SDPA is one fused kernel: softmax(q k^T / sqrt(d) + mask) v).
+            scores = (q * scale) @ k.transpose(-2, -1)
+            probs = F.softmax(scores if mask is None else scores + mask, dim=-1)
+            y = self.dropout(probs) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return y.transpose(1, 2).reshape(B, T, -1)
 
 
@@ -77,7 +94,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, residual):
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)  # post-LN, as in the BERT paper
@@ -108,7 +125,7 @@ class BertOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, residual):
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
@@ -282,7 +299,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
         super().__init__(config)
         self.bert = BertModel(config)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):

@@ -276,7 +276,7 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
     """Train `model` for `max_iters` optimizer steps; evaluate, log and checkpoint on the way.
 
     cfg: the script's settings (lr, min_lr, grad_clip, grad_accum, seed, log_every,
-    eval_every, max_checkpoints, out_dir). loader: .next() -> a global batch (numpy), .epoch,
+    eval_every, save_every, max_checkpoints, out_dir). loader: .next() -> a global batch (numpy), .epoch,
     and .state_dict()/.load_state_dict() for resuming; .end_of_epoch() if epochs matter.
     evaluate(step) -> {metric: value}, run on rank 0 only (the others wait at the next
     gradient sum). best_metric: the metric whose maximum is kept as out_dir/best.
@@ -321,7 +321,13 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
             window_tokens, window_s = 0, 0.0
         run["steps"] += 1
         end_of_epoch = getattr(loader, "end_of_epoch", lambda: False)()
-        if master and (end_of_epoch or step == max_iters or (cfg.eval_every and step % cfg.eval_every == 0)):
+        evaluating = end_of_epoch or step == max_iters or (cfg.eval_every and step % cfg.eval_every == 0)
+        if master and not evaluating and cfg.save_every and step % cfg.save_every == 0:  # a resume point only
+            state = {"data": loader.state_dict(), "settings": vars(cfg), "architectures": [type(model).__name__],
+                     "best": best, **(extra_state or {})}
+            checkpoint.save(cfg.out_dir, step, model.config, model_state(), opt.state_numpy(), state,
+                            cfg.max_checkpoints, tokenizer=tokenizer, adapter=adapter)
+        if master and evaluating:
             metrics = evaluate(step)
             log.log(step, **metrics)
             tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

@@ -13,6 +13,8 @@ import os
 import numpy as np
 from tokenizers import Tokenizer
 
+from nanobert.training import batch_indices
+
 # task -> (TSV header, column of text_a, column of text_b or None, column of the label)
 TSV_COLUMNS = {
     "sst2": (("sentence", "label"), 0, None, 1),
@@ -22,7 +24,6 @@ TSV_COLUMNS = {
 HUB_COLUMNS = {"sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2")}
 LABEL_NAMES = {"sst2": ("negative", "positive"), "mrpc": ("not_equivalent", "equivalent")}
 BEST_METRIC = {"sst2": "accuracy", "mrpc": "f1"}  # what "best checkpoint" means per task
-BUCKET_BATCHES = 50  # length bucketing sorts within chunks of this many batches (as HF group_by_length)
 
 
 def read_glue_tsv(path, task):
@@ -120,13 +121,10 @@ def glue_batches(encoded, labels, batch_size, rng=None, pad_id=0, pad_to=None, b
     longest sequence (dynamic padding) or `pad_to` (fixed padding). Only the last batch
     may have B < batch_size.
 
-    rng (np.random.Generator) shuffles; None keeps the given order (evaluation).
-    bucket=True sorts the shuffled examples by length within chunks of BUCKET_BATCHES
-    batches, then shuffles the order of the batches. Batches of alike lengths need far
-    less padding, so steps are cheaper; the price is batches that are less random (each
-    is one length band of its chunk), which is why the sort stays within chunks. On the
-    SST-2 train set at batch 32 an epoch is 8.6M token slots padded to 128, 2.7M padded
-    per batch, 0.94M bucketed (0.90M are real tokens).
+    rng (np.random.Generator) shuffles; None keeps the given order (evaluation). bucket:
+    length-bucketed batches (training.batch_indices). On the SST-2 train set at batch 32 an
+    epoch is 8.6M token slots padded to 128, 2.7M padded per batch, 0.94M bucketed (0.90M
+    are real tokens).
 
     Resuming mid-epoch: the order depends only on rng's state, so make rng a function of
     (seed, epoch), e.g. np.random.default_rng([seed, epoch]); save (epoch, batches done)
@@ -141,17 +139,7 @@ def glue_batches(encoded, labels, batch_size, rng=None, pad_id=0, pad_to=None, b
     lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int64)
     if pad_to is not None and lengths.max() > pad_to:
         raise ValueError(f"pad_to={pad_to} is shorter than the longest example ({lengths.max()} tokens)")
-    n = len(labels)
-    order = np.arange(n) if rng is None else rng.permutation(n)
-    if bucket:
-        chunk = BUCKET_BATCHES * batch_size
-        chunks = [order[i:i + chunk] for i in range(0, n, chunk)]
-        # stable sort: examples of equal length keep their shuffled order
-        order = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in chunks])
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if bucket and rng is not None:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    for idx in batches[start:]:
+    for idx in batch_indices(lengths, batch_size, rng, bucket)[start:]:
         shape = (len(idx), pad_to or lengths[idx].max())
         batch = {"input_ids": np.full(shape, pad_id, np.int32), "attention_mask": np.zeros(shape, np.int32),
                  "token_type_ids": np.zeros(shape, np.int32), "labels": labels[idx].astype(np.int32)}

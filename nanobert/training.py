@@ -126,6 +126,31 @@ def n_items(batch):
     return int((labels != -100).sum()) if labels.ndim == 2 else len(labels)
 
 
+BUCKET_BATCHES = 50  # length bucketing sorts within chunks of this many batches (as HF's group_by_length)
+
+
+def batch_indices(lengths, batch_size, rng=None, bucket=False):
+    """The example indices of each batch of one epoch: every example once, in order (rng None)
+    or shuffled by rng (np.random.Generator).
+
+    bucket=True sorts the shuffled examples by length within chunks of BUCKET_BATCHES
+    batches, then shuffles the order of the batches. Batches of alike lengths need far less
+    padding, so steps are cheaper; the price is batches that are less random (each is one
+    length band of its chunk), which is why the sort stays within chunks.
+    """
+    n = len(lengths)
+    order = np.arange(n) if rng is None else rng.permutation(n)
+    if bucket:
+        chunk = BUCKET_BATCHES * batch_size
+        # stable sort: examples of equal length keep their shuffled order
+        order = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in
+                                (order[i:i + chunk] for i in range(0, n, chunk))])
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if bucket and rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
 def micro_batches(batch, rank, world, grad_accum, trim=True):
     """This rank's `grad_accum` micro-batches of a global batch (rows split evenly; the last
     global batch of an epoch may be smaller, and then some micro-batches may be empty and

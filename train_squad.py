@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 from tqdm import tqdm
@@ -88,6 +89,7 @@ def main():
 
     def evaluate(step):
         """EM/F1 of the current model on eval_data (predict every window, best span per question)."""
+        t0 = time.time()
         start, end = predict_windows(E, model, eval_windows, cfg.eval_batch_size)
         answers = {qid: text for qid, (text, _) in squad.postprocess_qa(
             eval_examples, eval_windows, start, end, cfg.n_best, cfg.max_answer_length).items()}
@@ -97,6 +99,8 @@ def main():
                 part = squad.squad_em_f1(answers, eval_examples[i:i + cfg.report_every])
                 tqdm.write(f"  questions {i}-{i + len(eval_examples[i:i + cfg.report_every]) - 1}: "
                            f"EM {part['exact_match']:.2f}  F1 {part['f1']:.2f}")
+        tqdm.write(f"  evaluated {len(eval_examples)} questions ({len(eval_windows['input_ids'])} windows) "
+                   f"in {time.time() - t0:.0f} s")
         return {f"eval_{k}": v for k, v in squad.squad_em_f1(answers, eval_examples).items()}
 
     if cfg.eval_only:

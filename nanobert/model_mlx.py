@@ -45,6 +45,15 @@ class Output(NamedTuple):
     pooler_output: mx.array | None = None
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout that also keeps its probability as `p` (as torch's does; MLX's keeps 1 - p,
+    privately): attention reads it to choose its code path."""
+
+    def __init__(self, p):
+        super().__init__(p)
+        self.p = p
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -53,7 +62,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids):
         """(B, T) ids -> (B, T, H)"""
@@ -73,8 +82,7 @@ class BertSelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        self.dropout_p = config.attention_probs_dropout_prob  # nn.Dropout keeps its p private
+        self.dropout = Dropout(config.attention_probs_dropout_prob)
 
     def __call__(self, x, mask):
         """x (B, T, H), mask (B, 1, 1, T) additive or None -> (B, T, H)"""
@@ -82,7 +90,7 @@ class BertSelfAttention(nn.Module):
         q, k, v = (proj(x).reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
                    for proj in (self.query, self.key, self.value))
         scale = self.head_dim ** -0.5
-        if (self.training and self.dropout_p > 0) or mlx_cpu.FAST:
+        if (self.training and self.dropout.p > 0) or mlx_cpu.FAST:
             # Spelled out: mx.fast's fused attention has no dropout, and on Linux CPUs it is slower.
             scores = (q * scale) @ k.transpose(0, 1, 3, 2)
             probs = mlx_cpu.softmax(scores if mask is None else scores + mask)
@@ -97,7 +105,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def __call__(self, x, residual):
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)  # post-LN, as in the BERT paper
@@ -128,7 +136,7 @@ class BertOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def __call__(self, x, residual):
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
@@ -301,7 +309,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
         super().__init__(config)
         self.bert = BertModel(config)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):

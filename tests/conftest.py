@@ -26,14 +26,3 @@ def tiny_glue_dir(tmp_path_factory):
         rows = synthetic_sentences(rng, n)
         (d / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s} \t{y}\n" for s, y in rows))
     return str(d)
-
-
-@pytest.fixture(autouse=True, scope="session")
-def one_torch_thread():
-    """Test models are tiny: a second torch thread gains nothing, and on a busy 2-core machine
-    every op waits for it (measured: 100x slower with another process running)."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

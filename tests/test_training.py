@@ -60,6 +60,18 @@ def test_resume_in_a_new_process_equals_straight_run(backend, tiny_model_dir, ti
     assert any(np.abs(moved[k] - straight[k]).max() > 1e-4 for k in moved)  # the last 4 steps did train
 
 
+def test_a_torch_checkpoint_resumes_in_mlx(tiny_model_nodrop_dir, tiny_glue_dir, tmp_path):
+    """One checkpoint format for both twins, optimizer state included: 2 torch steps, then 2 MLX
+    steps from the torch checkpoint, end where 4 torch steps end (fp32 noise only; dropout off)."""
+    args = ["--epochs=1", "--max_steps=4", "--save_every=2", "--eval_every=100", "--max_checkpoints=5"]
+    ok(run_script(sst2_args(tiny_model_nodrop_dir, tiny_glue_dir, tmp_path / "torch", *args)))
+    os.makedirs(tmp_path / "mixed")
+    shutil.copytree(tmp_path / "torch" / "ckpt-000002", tmp_path / "mixed" / "ckpt-000002")
+    ok(run_script(sst2_args(tiny_model_nodrop_dir, tiny_glue_dir, tmp_path / "mixed", *args, "--backend=mlx",
+                            "--resume")))
+    assert_weights_equal(weights(tmp_path / "torch" / "ckpt-000004"), weights(tmp_path / "mixed" / "ckpt-000004"), 1e-5)
+
+
 # --- kill safety --------------------------------------------------------------------------------
 
 KILLED_WRITER = textwrap.dedent("""

@@ -53,6 +53,7 @@ DEFAULTS = dict(
     n_best=20,
     max_answer_length=30,
     log_every=10,
+    report_to="none",             # or "tensorboard" (pip install tensorboard): scalars in out_dir/tensorboard
     save_every=0,                 # optimizer steps between extra checkpoints (resume points; 0: none)
     max_checkpoints=2,
     resume="",                    # bare --resume: latest checkpoint in out_dir; or a checkpoint path

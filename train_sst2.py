@@ -41,6 +41,7 @@ DEFAULTS = dict(
     pad_to=0,                   # 0: pad each batch to its longest example; else to this length
     eval_every=0,               # optimizer steps between dev evaluations (0: each epoch's end)
     log_every=20,
+    report_to="none",           # or "tensorboard" (pip install tensorboard): scalars in out_dir/tensorboard
     save_every=0,               # optimizer steps between extra checkpoints (resume points; 0: none)
     max_checkpoints=2,
     resume="",                  # bare --resume: latest checkpoint in out_dir; or a checkpoint path

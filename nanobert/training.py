@@ -219,18 +219,29 @@ def load_backend(name):
 class MetricsLog:
     """Metrics as JSON lines in out_dir/metrics.jsonl (one object per event, with `step`), and a
     PNG of the curves at the end. On resume, lines past the resumed step are dropped, so
-    the log tells the story of the weights that exist."""
+    the log tells the story of the weights that exist. report_to="tensorboard" also writes
+    the scalars to out_dir/tensorboard (needs `pip install tensorboard`)."""
 
-    def __init__(self, out_dir, resume_step=None, enabled=True):
+    def __init__(self, out_dir, resume_step=None, enabled=True, report_to="none"):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.enabled = enabled
         self.t0 = time.time()
+        self.tensorboard = None
+        if report_to not in ("none", "tensorboard"):
+            raise ValueError(f"report_to: expected none or tensorboard, got {report_to!r}")
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
         keep = [r for r in self.read() if resume_step is not None and r["step"] <= resume_step]
         with open(self.path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("report_to=tensorboard needs the tensorboard package: pip install tensorboard") from None
+            # purge_step: on resume TensorBoard drops the events past the resumed step, as above
+            self.tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=resume_step)
 
     def read(self):
         if not os.path.exists(self.path):
@@ -242,6 +253,10 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "time": round(time.time() - self.t0, 2), **metrics}) + "\n")
+            if self.tensorboard is not None:
+                for name, value in metrics.items():
+                    self.tensorboard.add_scalar(name, value, step)
+                self.tensorboard.flush()
 
     def plot(self, path, panels):
         """panels: [(title, [metric names])]; one subplot each, metric vs step."""
@@ -301,7 +316,7 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
     """Train `model` for `max_iters` optimizer steps; evaluate, log and checkpoint on the way.
 
     cfg: the script's settings (lr, min_lr, grad_clip, grad_accum, seed, log_every,
-    eval_every, save_every, max_checkpoints, out_dir). loader: .next() -> a global batch (numpy), .epoch,
+    eval_every, save_every, max_checkpoints, out_dir, report_to). loader: .next() -> a global batch (numpy), .epoch,
     and .state_dict()/.load_state_dict() for resuming; .end_of_epoch() if epochs matter.
     evaluate(step) -> {metric: value}, run on rank 0 only (the others wait at the next
     gradient sum). best_metric: the metric whose maximum is kept as out_dir/best.
@@ -324,7 +339,8 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
         step = resume.state["step"]
         # the best so far, if its checkpoint is here (resuming from elsewhere starts a new `best`)
         best = resume.state["best"] if os.path.isdir(os.path.join(cfg.out_dir, "best")) else None
-    log = MetricsLog(cfg.out_dir, resume_step=step if resume is not None else None, enabled=master)
+    log = MetricsLog(cfg.out_dir, resume_step=step if resume is not None else None, enabled=master,
+                     report_to=cfg.report_to)
     run = {"best": best, "train_s": 0.0, "tokens": 0, "steps": 0}  # this process's run, for the caller
     window_tokens, window_s = 0, 0.0  # since the last log line
     bar = tqdm(total=max_iters, initial=step, disable=not master or None, desc="train", dynamic_ncols=True)

@@ -2,6 +2,7 @@
 exact resume in a new process, kill safety of checkpoints, gradient accumulation, DDP
 equivalence under torchrun/gloo and mlx.launch/ring, and one-line errors for bad input."""
 
+import json
 import os
 import shutil
 import signal
@@ -188,6 +189,22 @@ def test_ddp_two_processes_equal_one_process_double_batch(backend, tiny_model_no
     assert_weights_equal(weights(tmp_path / "one" / "ckpt-000004"), weights(tmp_path / "two" / "ckpt-000004"), 1e-5)
 
 
+# --- logging ----------------------------------------------------------------------------------
+
+def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(tiny_model_dir, tiny_glue_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "out"
+    ok(run_script(sst2_args(tiny_model_dir, tiny_glue_dir, out, "--max_steps=4", "--eval_every=2",
+                            "--report_to=tensorboard")))
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    for name in ("loss", "lr", "dev_accuracy"):
+        want = [(r["step"], r[name]) for r in rows if name in r]
+        got = [(e.step, e.value) for e in events.Scalars(name)]
+        assert len(want) >= 2 and [s for s, _ in got] == [s for s, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # stored as fp32
+
+
 # --- bad input: one line, non-zero exit -------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
@@ -197,6 +214,7 @@ def test_ddp_two_processes_equal_one_process_double_batch(backend, tiny_model_no
     (["--resume=/no/such/ckpt"], "error: /no/such/ckpt: no such checkpoint directory"),
     (["--batch_size=eight"], "error: command line: setting 'batch_size' must be a int, got 'eight'"),
     (["--config=CONFIG"], "error: CONFIG: unknown setting 'learning_rate'"),
+    (["--report_to=wandb"], "error: report_to: expected none or tensorboard, got 'wandb'"),
 ])
 def test_bad_input_is_one_clear_line(args, message, tiny_model_dir, tiny_glue_dir, tmp_path):
     ini = tmp_path / "bad.ini"

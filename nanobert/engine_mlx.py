@@ -30,6 +30,12 @@ def init_distributed():
     return (GROUP.rank(), GROUP.size()) if GROUP is not None else (0, 1)
 
 
+def finish_distributed():
+    """After training: leave the group together. An all_sum is the barrier that keeps a
+    process from exiting while another still works (mx.distributed has no explicit teardown)."""
+    all_sum(0)
+
+
 def prepare(model):
     """With several processes, copy rank 0's weights to all (a newly initialised head must
     start identical everywhere). mx.distributed has no broadcast: sum rank 0's weights

@@ -26,6 +26,15 @@ def init_distributed():
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def finish_distributed():
+    """After training: leave the group together. The barrier keeps a process from exiting
+    while another still works; destroying the group stops gloo's threads before exit
+    (a process exiting with them alive can abort: "terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def prepare(model):
     """Move the model to the device; with several processes, copy rank 0's weights to all
     (a newly initialised head must start identical everywhere)."""

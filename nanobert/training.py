@@ -382,6 +382,7 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
             checkpoint.save(cfg.out_dir, step, model.config, weights, opt.state_numpy(), {**state, "best": best},
                             cfg.max_checkpoints, tokenizer=tokenizer, adapter=adapter)
     bar.close()
+    E.finish_distributed()
     if master:
         if panels is None:
             evaluated = sorted({k for r in log.read() for k in r} - {"step", "time", "loss", "lr", "grad_norm",

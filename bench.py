@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import nanobert.model_mlx as MM
 import nanobert.model_torch as MT
 from nanobert import mlx_cpu
 from nanobert.mlm_data import mask_tokens
-from nanobert.training import micro_batches
+from nanobert.training import micro_batches, peak_rss_mb
 
 import mlx.core as mx  # noqa: E402  (after nanobert.mlx_cpu)
 import torch  # noqa: E402
@@ -102,8 +101,9 @@ def gemm_peak(framework, n=2048, repeats=10):
     return 2 * n ** 3 / min(times) / 1e9
 
 
-def build(name, compile_twins=False):
-    """{impl: step function} for one workload, all three from one saved HF checkpoint."""
+def build(name, compile_twins=False, impls=("hf", "torch", "mlx")):
+    """{impl: step function} for one workload, each from one saved HF checkpoint. Only the
+    models of `impls` are kept (a process measuring one implementation's memory holds only it)."""
     head, config, B, T, train = WORKLOADS[name]
     torch.manual_seed(0)
     hf = getattr(transformers, head)(transformers.BertConfig(**config, attn_implementation="sdpa"))
@@ -111,12 +111,10 @@ def build(name, compile_twins=False):
     hf.save_pretrained(tmp)
     batch = make_batch(head, config, B, T, np.random.default_rng(0))
     hf_batch = {k: torch.from_numpy(v).long() for k, v in batch.items() if k != "masked_positions"}
-    twin_t, twin_m = getattr(MT, head).from_pretrained(tmp), getattr(MM, head).from_pretrained(tmp)
-    if compile_twins:
-        ET.compile(twin_t)
-        EM.compile(twin_m)
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    parts = micro_batches(batch, 0, 1, 1)
     steps = {}
-    if train:
+    if "hf" in impls and train:
         hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.01)
         hf.train()
 
@@ -124,19 +122,25 @@ def build(name, compile_twins=False):
             hf(**hf_batch).loss.backward()
             hf_opt.step()
             hf_opt.zero_grad(set_to_none=True)
-        opt_t, opt_m = ET.AdamW(twin_t), EM.AdamW(twin_m)
-        parts = micro_batches(batch, 0, 1, 1)
-        steps = {"hf": hf_step, "torch": lambda: ET.train_step(twin_t, opt_t, parts, 1e-5, 1.0, 0),
-                 "mlx": lambda: EM.train_step(twin_m, opt_m, parts, 1e-5, 1.0, 0)}
-    else:
+        steps["hf"] = hf_step
+    elif "hf" in impls:
         hf.eval()
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         hf_inputs = {k: torch.from_numpy(v).long() for k, v in inputs.items()}
 
         def hf_step():
             with torch.inference_mode():
                 hf(**hf_inputs)
-        steps = {"hf": hf_step, "torch": lambda: ET.predict(twin_t, inputs), "mlx": lambda: EM.predict(twin_m, inputs)}
+        steps["hf"] = hf_step
+    for impl, M, E in (("torch", MT, ET), ("mlx", MM, EM)):
+        if impl in impls:
+            twin = getattr(M, head).from_pretrained(tmp)
+            if compile_twins:
+                E.compile(twin)
+            if train:
+                opt = E.AdamW(twin)
+                steps[impl] = lambda E=E, twin=twin, opt=opt: E.train_step(twin, opt, parts, 1e-5, 1.0, 0)
+            else:
+                steps[impl] = lambda E=E, twin=twin: E.predict(twin, inputs)
     n_masked = int((batch["labels"] != -100).sum()) if head == "BertForMaskedLM" else 0
     flops = {impl: matmul_flops(head, config, B, T, n_masked, train, dense_head=impl == "hf") for impl in steps}
     return steps, flops, B * T
@@ -158,8 +162,8 @@ def time_workload(name, repeats, warmup, compile_twins=False):
 
 def peak_rss(name, impl, compile_twins):
     """Peak RSS (MiB) of a fresh process that runs only `impl` on `name` (3 steps)."""
-    code = (f"import bench, resource\nsteps, _, _ = bench.build({name!r}, {compile_twins})\n"
-            f"[steps[{impl!r}]() for _ in range(3)]\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    code = (f"import bench\nsteps, _, _ = bench.build({name!r}, {compile_twins}, impls=[{impl!r}])\n"
+            f"[steps[{impl!r}]() for _ in range(3)]\nprint(bench.peak_rss_mb())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__) or ".")
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
@@ -205,7 +209,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "gemm_peak_gflops": peaks, "repeats": args.repeats, "results": results,
-                       "peak_rss_of_this_process_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f,
+                       "peak_rss_of_this_process_mib": peak_rss_mb()}, f,
                       indent=1)
 
 

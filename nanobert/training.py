@@ -190,9 +190,16 @@ def step_seed(seed, step, rank):
 
 
 def peak_rss_mb():
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, in MiB. On Linux VmHWM of /proc/self/status:
+    ru_maxrss survives exec, so a process started by a big one would report its parent's peak.
+    Elsewhere ru_maxrss (KiB, but bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
 # --- distributed environment (launcher side) -----------------------------------------------

@@ -205,6 +205,17 @@ def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(tiny_model_dir, tiny
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # stored as fp32
 
 
+def test_peak_rss_is_this_process_not_its_parent():
+    """ru_maxrss survives exec: a small child of a 1 GiB process would report 1 GiB."""
+    from nanobert.training import peak_rss_mb
+    big = np.ones(2**28, np.float32)  # 1 GiB, every page touched
+    code = "from nanobert.training import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                                 check=True).stdout)
+    assert peak_rss_mb() > 1024 > 4 * child
+    del big
+
+
 # --- bad input: one line, non-zero exit -------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [

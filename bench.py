@@ -4,6 +4,7 @@
     python bench.py --workloads mlm,qa_infer --repeats 7 --json bench.json
     python bench.py --compile                # also torch.compile / mx.compile variants
     python bench.py --memory                 # also peak RSS of each implementation (one process each)
+    python bench.py --profile torch --workloads qa   # where the time goes: torch.profiler table
 
 Each workload builds HF's model from a random config, saves it, and loads both twins from
 that file (the shared format), so all three start from the same weights and see the same
@@ -170,6 +171,17 @@ def peak_rss(name, impl, compile_twins):
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def profile(name, impl, compile_twins, rows=12):
+    """torch.profiler over 3 steps of `impl` (hf or torch) on `name`: the ops that take the time."""
+    steps, _, _ = build(name, compile_twins, impls=[impl])
+    steps[impl]()  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            steps[impl]()
+    print(f"--- {name} {impl}: top ops by self CPU time (3 steps)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
@@ -178,11 +190,16 @@ def main():
     parser.add_argument("--compile", action="store_true", help="compile the twins (torch.compile, mx.compile)")
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS, one process per implementation")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--profile", choices=["hf", "torch"], help="instead: torch.profiler tables of one implementation")
     args = parser.parse_args()
     names = args.workloads.split(",")
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         sys.exit(f"bench.py: error: unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
+    if args.profile:
+        for name in names:
+            profile(name, args.profile, args.compile)
+        return
     peaks = {"torch": gemm_peak("torch"), "mlx": gemm_peak("mlx")}
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__} " \
               f"({torch.get_num_threads()} threads), mlx {mx.__version__} (BLAS: {mlx_cpu.loaded_blas()}), " \

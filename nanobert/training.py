@@ -370,22 +370,19 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
         run["steps"] += 1
         end_of_epoch = getattr(loader, "end_of_epoch", lambda: False)()
         evaluating = end_of_epoch or step == max_iters or (cfg.eval_every and step % cfg.eval_every == 0)
-        if master and not evaluating and cfg.save_every and step % cfg.save_every == 0:  # a resume point only
+        saving = cfg.save_every and step % cfg.save_every == 0  # a resume point without evaluation
+        if master and (evaluating or saving):
             state = {"data": loader.state_dict(), "settings": vars(cfg), "architectures": [type(model).__name__],
-                     "best": best, **(extra_state or {})}
-            checkpoint.save(cfg.out_dir, step, model.config, model_state(), opt.state_numpy(), state,
-                            cfg.max_checkpoints, tokenizer=tokenizer, adapter=adapter)
-        if master and evaluating:
-            metrics = evaluate(step)
-            log.log(step, **metrics)
-            tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            state = {"data": loader.state_dict(), "metrics": metrics, "settings": vars(cfg),
-                     "architectures": [type(model).__name__], **(extra_state or {})}
+                     **(extra_state or {})}
             weights = model_state()
-            if best is None or metrics[best_metric] > best:
-                best = run["best"] = metrics[best_metric]
-                checkpoint.save(cfg.out_dir, step, model.config, weights, None, {**state, "best": best},
-                                name="best", tokenizer=tokenizer, adapter=adapter)
+            if evaluating:
+                metrics = state["metrics"] = evaluate(step)
+                log.log(step, **metrics)
+                tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                if best is None or metrics[best_metric] > best:
+                    best = run["best"] = metrics[best_metric]
+                    checkpoint.save(cfg.out_dir, step, model.config, weights, None, {**state, "best": best},
+                                    name="best", tokenizer=tokenizer, adapter=adapter)
             checkpoint.save(cfg.out_dir, step, model.config, weights, opt.state_numpy(), {**state, "best": best},
                             cfg.max_checkpoints, tokenizer=tokenizer, adapter=adapter)
     bar.close()

@@ -57,6 +57,7 @@ DEFAULTS = dict(
     max_steps=400,
     lr=1e-3,
     min_lr=1e-4,
+    decay="cosine",                   # after warmup: "cosine" (nanoGPT) or "linear" (HF Trainer's default)
     warmup=0.05,                      # warmup steps: a fraction of all steps if < 1, else a count
     weight_decay=0.01,
     grad_clip=1.0,
@@ -126,7 +127,7 @@ def main():
     baseline = unigram_accuracy(stream, val_batches, vocab_size)
     max_iters = cfg.max_steps
     warmup_iters = round(cfg.warmup * max_iters) if cfg.warmup < 1 else int(cfg.warmup)
-    check_schedule(cfg.lr, cfg.min_lr, warmup_iters, max_iters)
+    check_schedule(cfg.lr, cfg.min_lr, warmup_iters, max_iters, cfg.decay)
 
     # --- model + optimizer -----------------------------------------------------------------
     resume_path = checkpoint.resolve_resume(cfg.resume, cfg.out_dir)

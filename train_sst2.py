@@ -34,6 +34,7 @@ DEFAULTS = dict(
     max_steps=0,                # stop after this many optimizer steps (0: run all epochs)
     lr=5e-5,
     min_lr=0.0,
+    decay="cosine",             # after warmup: "cosine" (nanoGPT) or "linear" (HF Trainer's default)
     warmup=0.1,                 # warmup steps: a fraction of all steps if < 1, else a count
     weight_decay=0.01,
     grad_clip=1.0,
@@ -68,7 +69,7 @@ def main():
     steps_per_epoch = math.ceil(len(train) / global_batch)
     max_iters = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup_iters = round(cfg.warmup * max_iters) if cfg.warmup < 1 else int(cfg.warmup)
-    check_schedule(cfg.lr, cfg.min_lr, warmup_iters, max_iters)
+    check_schedule(cfg.lr, cfg.min_lr, warmup_iters, max_iters, cfg.decay)
     # The order of an epoch is a function of (seed, epoch) only: a resumed run sees the same batches.
     loader = EpochLoader(lambda epoch, start: glue.glue_batches(
         train_enc, train_labels, global_batch, rng=np.random.default_rng([cfg.seed, epoch]),

@@ -89,7 +89,12 @@ def _convert(defaults, key, value, where):
     return value
 
 
-def check_schedule(lr, min_lr, warmup_iters, max_iters):
+DECAYS = ("cosine", "linear")
+
+
+def check_schedule(lr, min_lr, warmup_iters, max_iters, decay="cosine"):
+    if decay not in DECAYS:
+        raise SettingsError(f"setting 'decay' must be one of {', '.join(DECAYS)}, got {decay!r}")
     if not lr > 0:
         raise SettingsError(f"setting 'lr' must be > 0, got {lr}")
     if not 0 <= min_lr <= lr:
@@ -115,6 +120,17 @@ def cosine_lr(it, lr, warmup_iters, lr_decay_iters, min_lr=0.0):
         return min_lr
     progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def linear_lr(it, lr, warmup_iters, lr_decay_iters, min_lr=0.0):
+    """The same warmup, then a straight line down to `min_lr` at `lr_decay_iters`: HF Trainer's
+    default (get_linear_schedule_with_warmup, checked in parity/), for runs that copy its recipe.
+    Cosine keeps the lr near its peak for longer and spends less time near the end's lows."""
+    if it < warmup_iters:
+        return lr * it / warmup_iters
+    if it >= lr_decay_iters:
+        return min_lr
+    return min_lr + (lr - min_lr) * (lr_decay_iters - it) / (lr_decay_iters - warmup_iters)
 
 
 # --- batches for accumulation and DDP ------------------------------------------------------
@@ -322,7 +338,7 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
         resume=None, tokenizer=None, model_state=None, extra_state=None, panels=None, trim=True, adapter=False):
     """Train `model` for `max_iters` optimizer steps; evaluate, log and checkpoint on the way.
 
-    cfg: the script's settings (lr, min_lr, grad_clip, grad_accum, seed, log_every,
+    cfg: the script's settings (lr, min_lr, decay, grad_clip, grad_accum, seed, log_every,
     eval_every, save_every, max_checkpoints, out_dir, report_to). loader: .next() -> a global batch (numpy), .epoch,
     and .state_dict()/.load_state_dict() for resuming; .end_of_epoch() if epochs matter.
     evaluate(step) -> {metric: value}, run on rank 0 only (the others wait at the next
@@ -350,11 +366,12 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
                      report_to=cfg.report_to)
     run = {"best": best, "train_s": 0.0, "tokens": 0, "steps": 0}  # this process's run, for the caller
     window_tokens, window_s = 0, 0.0  # since the last log line
+    get_lr = linear_lr if cfg.decay == "linear" else cosine_lr
     bar = tqdm(total=max_iters, initial=step, disable=not master or None, desc="train", dynamic_ncols=True)
     while step < max_iters:
         t0 = time.time()
         batch = loader.next()
-        lr = cosine_lr(step, cfg.lr, warmup_iters, max_iters, cfg.min_lr)
+        lr = get_lr(step, cfg.lr, warmup_iters, max_iters, cfg.min_lr)
         parts = micro_batches(batch, rank, world, cfg.grad_accum, trim)
         loss, grad_norm = E.train_step(model, opt, parts, lr, cfg.grad_clip, step_seed(cfg.seed, step, rank))
         step += 1

@@ -13,7 +13,7 @@ import transformers
 
 from hf_reference import TOL, TWINS, hf_config, hf_model, random_batch, to_backend
 from nanobert import engine_mlx, engine_torch, optim_mlx, optim_torch
-from nanobert.training import cosine_lr
+from nanobert.training import cosine_lr, linear_lr
 
 import mlx.core as mx  # noqa: E402  after nanobert (hf_reference): its BLAS preload must come first
 
@@ -84,6 +84,20 @@ def test_torch_adamw_and_cosine_lr_equal_torch_optim_and_hf_schedule_bitwise(for
     for name, p in numpy_params(ours).items():
         np.testing.assert_array_equal(p, expected[name], err_msg=name)
     assert max(np.abs(expected[k] - start[k]).max() for k in start) > LR  # it did train
+
+
+def test_linear_lr_equals_hf_linear_schedule_with_warmup():
+    """linear_lr (the --decay linear of HF-recipe runs) against transformers'
+    get_linear_schedule_with_warmup, which HF Trainer uses by default: every step of a run
+    with warmup, and the straight line ending at 0 on the last step."""
+    steps = 20
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    schedule = transformers.get_linear_schedule_with_warmup(opt, WARMUP, steps)
+    for it in range(steps):
+        assert linear_lr(it, LR, WARMUP, steps) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=0), it
+        opt.step()
+        schedule.step()
+    assert linear_lr(WARMUP, LR, WARMUP, steps) == LR and linear_lr(steps, LR, WARMUP, steps) == 0
 
 
 def test_mlx_adamw_follows_torch_optim_on_the_same_gradients(checkpoint_dir):

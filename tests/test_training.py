@@ -216,6 +216,20 @@ def test_peak_rss_is_this_process_not_its_parent():
     del big
 
 
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_decay_setting_picks_the_schedule_the_run_logs(decay, tiny_model_dir, tiny_glue_dir, tmp_path):
+    """--decay reaches the training loop: the lr logged at each step is that schedule's."""
+    from nanobert.training import cosine_lr, linear_lr
+    out = tmp_path / "out"
+    ok(run_script(sst2_args(tiny_model_dir, tiny_glue_dir, out, "--max_steps=6", f"--decay={decay}")))
+    logged = {r["step"]: r["lr"] for r in map(json.loads, open(out / "metrics.jsonl")) if "lr" in r}
+    schedule = {"cosine": cosine_lr, "linear": linear_lr}[decay]
+    # a row for step s is logged after the optimizer step s - 1 (0-based), taken at that step's lr
+    assert len(logged) == 6
+    assert [logged[s] for s in sorted(logged)] == pytest.approx([schedule(s - 1, 1e-3, 2, 6) for s in sorted(logged)])
+    assert cosine_lr(3, 1e-3, 2, 6) != pytest.approx(linear_lr(3, 1e-3, 2, 6))  # the two are told apart
+
+
 # --- bad input: one line, non-zero exit -------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
@@ -226,6 +240,7 @@ def test_peak_rss_is_this_process_not_its_parent():
     (["--batch_size=eight"], "error: command line: setting 'batch_size' must be a int, got 'eight'"),
     (["--config=CONFIG"], "error: CONFIG: unknown setting 'learning_rate'"),
     (["--report_to=wandb"], "error: report_to: expected none or tensorboard, got 'wandb'"),
+    (["--decay=exp"], "error: setting 'decay' must be one of cosine, linear, got 'exp'"),
 ])
 def test_bad_input_is_one_clear_line(args, message, tiny_model_dir, tiny_glue_dir, tmp_path):
     ini = tmp_path / "bad.ini"

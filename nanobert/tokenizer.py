@@ -81,7 +81,13 @@ def load_tokenizer(path):
 
 
 def train_wordpiece(texts, vocab_size, lowercase=True, min_frequency=2):
-    """Train a BERT WordPiece vocabulary on an iterator of strings."""
+    """Train a BERT WordPiece vocabulary on an iterator of strings.
+
+    Not reproducible run to run: `tokenizers` numbers the ## pieces in hash-map order and breaks
+    ties between equally frequent merges by those numbers (huggingface/tokenizers#1794), so two
+    trainings on the same text give slightly different vocabularies. Hence the vocabulary is saved
+    with the shards and its hash checked: prepare once, compare runs on the same data_dir.
+    """
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
     _bert_pipeline(tok, lowercase)
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,

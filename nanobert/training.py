@@ -242,7 +242,8 @@ def load_backend(name):
 class MetricsLog:
     """Metrics as JSON lines in out_dir/metrics.jsonl (one object per event, with `step`), and a
     PNG of the curves at the end. On resume, lines past the resumed step are dropped, so
-    the log tells the story of the weights that exist. report_to="tensorboard" also writes
+    the log tells the story of the weights that exist, and `time` (wall seconds since the run
+    began) goes on from the last kept line instead of restarting at 0. report_to="tensorboard" also writes
     the scalars to out_dir/tensorboard (needs `pip install tensorboard`)."""
 
     def __init__(self, out_dir, resume_step=None, enabled=True, report_to="none"):
@@ -258,6 +259,8 @@ class MetricsLog:
         keep = [r for r in self.read() if resume_step is not None and r["step"] <= resume_step]
         with open(self.path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
+        if keep:  # the time between that line and the interruption is not known, so not counted
+            self.t0 -= keep[-1]["time"]
         if report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter

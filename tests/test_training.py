@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from tiny import ROOT, run_script, tiny_config
 from nanobert import checkpoint
-from nanobert.training import load_backend, micro_batches
+from nanobert.training import MetricsLog, load_backend, micro_batches
 
 BACKENDS = ("torch", "mlx")
 
@@ -71,6 +71,21 @@ def test_a_torch_checkpoint_resumes_in_mlx(tiny_model_nodrop_dir, tiny_glue_dir,
     ok(run_script(sst2_args(tiny_model_nodrop_dir, tiny_glue_dir, tmp_path / "mixed", *args, "--backend=mlx",
                             "--resume")))
     assert_weights_equal(weights(tmp_path / "torch" / "ckpt-000004"), weights(tmp_path / "mixed" / "ckpt-000004"), 1e-5)
+
+
+def test_metrics_log_on_resume_drops_later_lines_and_keeps_the_clock(tmp_path):
+    """A run interrupted after step 3 and resumed from its step-2 checkpoint: the log keeps
+    steps 1-2 and the next line's time goes on from 200 s, not from 0; a fresh run starts over."""
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps({"step": s, "time": 100.0 * s, "loss": 1.0}) + "\n" for s in (1, 2, 3))
+    log = MetricsLog(str(tmp_path), resume_step=2)
+    log.log(3, loss=0.5)
+    rows = log.read()
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["loss"] == 0.5
+    assert 200.0 <= rows[2]["time"] < 260.0
+    fresh = MetricsLog(str(tmp_path))
+    fresh.log(1, loss=2.0)
+    assert [(r["step"], r["time"] < 60) for r in fresh.read()] == [(1, True)]
 
 
 # --- kill safety --------------------------------------------------------------------------------

@@ -243,8 +243,8 @@ class MetricsLog:
     """Metrics as JSON lines in out_dir/metrics.jsonl (one object per event, with `step`), and a
     PNG of the curves at the end. On resume, lines past the resumed step are dropped, so
     the log tells the story of the weights that exist, and `time` (wall seconds since the run
-    began) goes on from the last kept line instead of restarting at 0. report_to="tensorboard" also writes
-    the scalars to out_dir/tensorboard (needs `pip install tensorboard`)."""
+    began) goes on from the last kept line instead of restarting at 0. report_to="tensorboard"
+    also writes the scalars to out_dir/tensorboard (needs `pip install tensorboard`)."""
 
     def __init__(self, out_dir, resume_step=None, enabled=True, report_to="none"):
         self.path = os.path.join(out_dir, "metrics.jsonl")

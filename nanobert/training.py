@@ -368,7 +368,9 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
     log = MetricsLog(cfg.out_dir, resume_step=step if resume is not None else None, enabled=master,
                      report_to=cfg.report_to)
     run = {"best": best, "train_s": 0.0, "tokens": 0, "steps": 0}  # this process's run, for the caller
-    window_tokens, window_s = 0, 0.0  # since the last log line
+    # since the last log line; the logged loss is their mean over its steps (as HF Trainer's),
+    # since one batch's loss is too noisy to compare runs by
+    window_tokens, window_s, window_loss, window_steps = 0, 0.0, 0.0, 0
     get_lr = linear_lr if cfg.decay == "linear" else cosine_lr
     bar = tqdm(total=max_iters, initial=step, disable=not master or None, desc="train", dynamic_ncols=True)
     while step < max_iters:
@@ -380,13 +382,15 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
         step += 1
         window_tokens += int(batch["attention_mask"].sum())
         window_s += time.time() - t0  # training time only: evaluation and saving are not counted
+        window_loss, window_steps = window_loss + loss, window_steps + 1
         bar.update()
         if step % cfg.log_every == 0 or step == max_iters:
-            log.log(step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=window_tokens / window_s,
+            mean_loss = window_loss / window_steps
+            log.log(step, loss=mean_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=window_tokens / window_s,
                     epoch=loader.epoch)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", tok_s=f"{window_tokens / window_s:.0f}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.1e}", tok_s=f"{window_tokens / window_s:.0f}")
             run["train_s"], run["tokens"] = run["train_s"] + window_s, run["tokens"] + window_tokens
-            window_tokens, window_s = 0, 0.0
+            window_tokens, window_s, window_loss, window_steps = 0, 0.0, 0.0, 0
         run["steps"] += 1
         end_of_epoch = getattr(loader, "end_of_epoch", lambda: False)()
         evaluating = end_of_epoch or step == max_iters or (cfg.eval_every and step % cfg.eval_every == 0)

@@ -245,6 +245,18 @@ def test_decay_setting_picks_the_schedule_the_run_logs(decay, tiny_model_dir, ti
     assert cosine_lr(3, 1e-3, 2, 6) != pytest.approx(linear_lr(3, 1e-3, 2, 6))  # the two are told apart
 
 
+def test_logged_loss_is_the_mean_over_the_log_window(tiny_model_dir, tiny_glue_dir, tmp_path):
+    """As HF Trainer's: with --log_every=3 the loss logged at step 3 is the mean of steps
+    1-3's losses (each logged by a --log_every=1 run of the same seed), not step 3's alone."""
+    def losses(out, log_every):
+        ok(run_script(sst2_args(tiny_model_dir, tiny_glue_dir, out, "--max_steps=6", f"--log_every={log_every}")))
+        return {r["step"]: r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r}
+    each, windows = losses(tmp_path / "each", 1), losses(tmp_path / "windows", 3)
+    assert sorted(windows) == [3, 6]
+    for end in (3, 6):
+        assert windows[end] == pytest.approx(np.mean([each[s] for s in range(end - 2, end + 1)]), rel=1e-6)
+        assert windows[end] != pytest.approx(each[end], rel=1e-3)  # the mean, not the last step
+
 # --- bad input: one line, non-zero exit -------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [

@@ -368,8 +368,8 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
     log = MetricsLog(cfg.out_dir, resume_step=step if resume is not None else None, enabled=master,
                      report_to=cfg.report_to)
     run = {"best": best, "train_s": 0.0, "tokens": 0, "steps": 0}  # this process's run, for the caller
-    # since the last log line; the logged loss is their mean over its steps (as HF Trainer's),
-    # since one batch's loss is too noisy to compare runs by
+    # sums since the last log line; it logs the mean loss over those steps, as HF Trainer does
+    # (one batch's loss is too noisy to compare runs by)
     window_tokens, window_s, window_loss, window_steps = 0, 0.0, 0.0, 0
     get_lr = linear_lr if cfg.decay == "linear" else cosine_lr
     bar = tqdm(total=max_iters, initial=step, disable=not master or None, desc="train", dynamic_ncols=True)

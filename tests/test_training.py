@@ -257,6 +257,7 @@ def test_logged_loss_is_the_mean_over_the_log_window(tiny_model_dir, tiny_glue_d
         assert windows[end] == pytest.approx(np.mean([each[s] for s in range(end - 2, end + 1)]), rel=1e-6)
         assert windows[end] != pytest.approx(each[end], rel=1e-3)  # the mean, not the last step
 
+
 # --- bad input: one line, non-zero exit -------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [

@@ -90,9 +90,16 @@ def gemm_peak(framework, n=2048, repeats=10):
     if framework == "torch":
         a, b = torch.randn(n, n), torch.randn(n, n)
         run = lambda: a @ b  # noqa: E731
-    else:
-        a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
-        run = lambda: mx.eval(a @ b)  # noqa: E731
+    else:  # rows split over the CPU streams, as the MLX twin runs (engine_mlx.STREAMS)
+        rows, b = mx.split(mx.random.normal((n, n)), len(EM.STREAMS)), mx.random.normal((n, n))
+        mx.eval(rows, b)
+
+        def run():
+            outs = []
+            for part, stream in zip(rows, EM.STREAMS):
+                with mx.stream(stream):
+                    outs.append(part @ b)
+            mx.eval(outs)
     run()
     times = []
     for _ in range(repeats):
@@ -202,7 +209,8 @@ def main():
         return
     peaks = {"torch": gemm_peak("torch"), "mlx": gemm_peak("mlx")}
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__} " \
-              f"({torch.get_num_threads()} threads), mlx {mx.__version__} (BLAS: {mlx_cpu.loaded_blas()}), " \
+              f"({torch.get_num_threads()} threads), mlx {mx.__version__} (BLAS: {mlx_cpu.loaded_blas()}, " \
+              f"{len(EM.STREAMS)} streams), " \
               f"transformers {transformers.__version__}"
     print(f"machine: {machine}\nGEMM peak (2048^3 fp32): torch {peaks['torch']:.0f} GFLOP/s, MLX {peaks['mlx']:.0f} GFLOP/s")
     print(f"{'workload':10s} {'impl':6s} {'median s':>9s} {'spread s':>15s} {'tokens/s':>9s} {'vs HF':>6s} {'MFU':>5s}"

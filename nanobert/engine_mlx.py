@@ -16,10 +16,14 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from nanobert.optim_mlx import AdamW, clip_grad_norm  # noqa: E402,F401  (AdamW: the scripts use E.AdamW)
+from nanobert import training  # noqa: E402
 from nanobert.training import launched_world_size, n_items  # noqa: E402
 
 GROUP = None  # the mx.distributed group, once init_distributed() ran under a launcher
 COMPILED = {}  # id(model) -> its compiled loss-and-gradient function, once compile(model) ran
+# MLX's CPU backend runs each op on one thread, its stream's: one stream per core, each given
+# a slice of the batch's rows, puts every core to work (mlx_cpu.py, fix 4; one stream on a GPU).
+STREAMS = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(mlx_cpu.CPU_STREAMS - 1)]
 
 
 def init_distributed():
@@ -84,6 +88,8 @@ def train_step(model, opt, micro_batches, lr, grad_clip, seed):
     global batch (all micro-batches, all processes): summed gradients then equal those of
     one big batch exactly, for MLM too, where micro-batches hold different numbers of
     masked tokens. `seed` fixes this step's dropout, so a resumed run repeats it exactly.
+    The rows of a micro-batch are split over STREAMS the same way (shards), and their
+    forward and backward passes run at the same time, one per stream.
     """
     model.train()
     mx.random.seed(seed)
@@ -93,11 +99,14 @@ def train_step(model, opt, micro_batches, lr, grad_clip, seed):
     grads, loss = None, mx.array(0.0)
     for batch, n in zip(micro_batches, counts):
         if n:
-            part, g = loss_and_grad(tensors(batch), mx.array(n / total))
-            g = dict(tree_flatten(g))
-            grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
-            loss = loss + part
-            mx.eval(grads, loss)  # one micro-batch's graph at a time, not all of them
+            for shard, stream in zip(training.micro_batches(batch, 0, 1, len(STREAMS), trim=False), STREAMS):
+                if n_shard := n_items(shard):
+                    with mx.stream(stream):  # this shard's graph, backward included, runs on `stream`
+                        part, g = loss_and_grad(tensors(shard), mx.array(n_shard / total))
+                    g = dict(tree_flatten(g))
+                    grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
+                    loss = loss + part
+            mx.eval(grads, loss)  # one micro-batch's graph at a time (its shards at once), not all of them
     if GROUP is not None:
         # Sum gradients across processes once, after the last micro-batch: the sum is
         # linear, so reducing every micro-step would send grad_accum times the bytes for
@@ -113,7 +122,16 @@ def train_step(model, opt, micro_batches, lr, grad_clip, seed):
 
 
 def predict(model, batch):
-    """Eval-mode forward (no dropout; MLX builds no autograd graph unless asked) -> {name: numpy}."""
+    """Eval-mode forward (no dropout; MLX builds no autograd graph unless asked) -> {name: numpy}.
+    Without targets (no loss) every output is per row, so the rows are split over the CPU streams."""
     model.eval()
-    out = model(**tensors(batch))
-    return {k: np.array(v) for k, v in out._asdict().items() if isinstance(v, mx.array)}
+    has_loss = bool({"labels", "start_positions"} & batch.keys())
+    shards = [batch] if has_loss else training.micro_batches(batch, 0, 1, len(STREAMS), trim=False)
+    outs = []
+    for shard, stream in zip(shards, STREAMS):
+        with mx.stream(stream):
+            out = model(**tensors(shard))
+        outs.append({k: v for k, v in out._asdict().items() if isinstance(v, mx.array)})
+    mx.eval(outs)  # all shards at once, each on its stream
+    outs = [{k: np.array(v) for k, v in out.items()} for out in outs]
+    return outs[0] if len(outs) == 1 else {k: np.concatenate([out[k] for out in outs]) for k in outs[0]}

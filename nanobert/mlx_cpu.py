@@ -1,6 +1,6 @@
-"""MLX on Linux CPUs: three fixes that make the MLX twin fast where MLX is least tuned.
+"""MLX on Linux CPUs: four fixes that make the MLX twin fast where MLX is least tuned.
 
-MLX is built for Apple silicon. Its Linux CPU wheel works, but three things made a BERT
+MLX is built for Apple silicon. Its Linux CPU wheel works, but four things made a BERT
 training step ~3x slower than PyTorch on the 2-core reference machine (README has numbers):
 
 1. BLAS. The wheel links the reference (netlib) BLAS, ~3.5 GFLOP/s for fp32 matmul, 40x
@@ -20,6 +20,11 @@ training step ~3x slower than PyTorch on the 2-core reference machine (README ha
    polynomial exp, Numerical Recipes' erfc), which `mx.compile` fuses into one vectorised
    loop, with their exact derivatives as custom gradients. Accuracy: ~3e-7 relative,
    a few fp32 ulps (tests/test_mlx_cpu.py).
+4. Threads. MLX's CPU backend runs each op on a single thread: the thread of its stream.
+   MLX's answer to CPU parallelism is streams, so engine_mlx splits each batch's rows over
+   CPU_STREAMS streams, one per core (per process under a launcher), and everything
+   elementwise runs on all cores. OpenBLAS then runs one thread per call: two streams each
+   asking for two BLAS threads would put four threads on two cores.
 
 On macOS (and MLX on a GPU) nothing here is needed: `softmax`, `gelu` and `logsumexp`
 are MLX's own there.
@@ -106,6 +111,11 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 FAST = sys.platform == "linux" and mx.default_device() == mx.cpu  # fix 3 applies
+# Fix 4: streams engine_mlx splits a batch over (1 on a GPU; $NANOBERT_MLX_STREAMS overrides).
+CPU_STREAMS = int(os.environ.get("NANOBERT_MLX_STREAMS", 0)) or (
+    max(1, (os.cpu_count() or 1) // launched_world_size()) if FAST else 1)
+if CPU_STREAMS > 1 and _blas and hasattr(ctypes.CDLL(_blas), "openblas_set_num_threads"):
+    ctypes.CDLL(_blas).openblas_set_num_threads(1)  # the streams are the threads now
 LOG2E, LN2_HI, LN2_LO = 1.4426950408889634, 0.693359375, -2.12194440e-4  # ln 2 = HI + LO, HI exact in fp32
 SQRT_HALF, INV_SQRT_2PI = 0.7071067811865476, 0.3989422804014327
 

@@ -101,3 +101,60 @@ def test_fast_functions_match_float64(name):
     assert np.abs(grad - ref_grad).max() < 2e-6 * max(1.0, np.abs(ref_grad).max())
     if name == "softmax":
         assert (value[..., :9] == 0).all()  # masked positions get exactly zero weight, as in HF
+
+
+# --- fix 4: a batch's rows split over CPU streams (in-process) --------------------------------
+
+def test_blas_runs_one_thread_per_stream():
+    """With several streams, OpenBLAS (where it is MLX's BLAS) is told to use one thread per
+    call: the streams are the threads."""
+    probe = ("import ctypes, nanobert.engine_mlx as E\nfrom nanobert import mlx_cpu\n"
+             "print('STREAMS', len(E.STREAMS))\nblas = ctypes.CDLL(mlx_cpu.loaded_blas())\n"
+             "print('THREADS', blas.openblas_get_num_threads() if hasattr(blas, 'openblas_get_num_threads') else 1)\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "NANOBERT_MLX_STREAMS": "3"})
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["STREAMS"] == "3" and lines["THREADS"] == "1"
+
+
+def test_split_over_streams_equals_one_stream(monkeypatch):
+    """A training step's loss and gradients, and predictions, are the same whether a batch
+    runs on one stream or is split over three (uneven shards of 8 rows, padded ones too)."""
+    import mlx.core as mx
+    import nanobert.engine_mlx as E
+    import nanobert.model_mlx as M
+    from tiny import tiny_config
+    from nanobert.training import micro_batches
+    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    init = M.BertForQuestionAnswering(config).init_weights().state_numpy()
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 13, 8)
+    mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
+    batch = {"input_ids": rng.integers(5, config.vocab_size, (8, 12)).astype(np.int32) * mask,
+             "token_type_ids": np.zeros((8, 12), np.int32), "attention_mask": mask,
+             "start_positions": (lengths - 2).astype(np.int32), "end_positions": (lengths - 1).astype(np.int32)}
+    inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    clip = E.clip_grad_norm
+    results = []
+    for streams in ([mx.default_stream(mx.cpu)], [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]):
+        monkeypatch.setattr(E, "STREAMS", streams)
+        grads = {}
+        # The gradients the optimizer gets (after an Adam step, near-zero gradients would
+        # differ by up to lr from rounding alone: Adam divides them by their own size).
+        monkeypatch.setattr(E, "clip_grad_norm", lambda g, c: (grads.update({k: np.array(v) for k, v in g.items()}),
+                                                               clip(g, c))[1])
+        model = M.BertForQuestionAnswering(config)
+        model.load_numpy(init)
+        predicted = E.predict(model, inputs)
+        loss, norm = E.train_step(model, E.AdamW(model), micro_batches(batch, 0, 1, 1), 1e-3, 1.0, 0)
+        results.append((predicted, loss, norm, grads))
+    (out1, loss1, norm1, grads1), (out3, loss3, norm3, grads3) = results
+    assert out1.keys() == out3.keys() and out3["start_logits"].shape == (8, 12)
+    for name in out1:
+        np.testing.assert_allclose(out1[name], out3[name], atol=1e-5, err_msg=name)
+    np.testing.assert_allclose([loss1, norm1], [loss3, norm3], rtol=1e-5)
+    assert grads1.keys() == grads3.keys() and len(grads1) == len(init)
+    for name in grads1:
+        np.testing.assert_allclose(grads1[name], grads3[name], atol=1e-6 * max(1.0, np.abs(grads1[name]).max()),
+                                   err_msg=name)

@@ -23,7 +23,7 @@ GROUP = None  # the mx.distributed group, once init_distributed() ran under a la
 COMPILED = {}  # id(model) -> its compiled loss-and-gradient function, once compile(model) ran
 # MLX's CPU backend runs each op on one thread, its stream's: one stream per core, each given
 # a slice of the batch's rows, puts every core to work (mlx_cpu.py, fix 4; one stream on a GPU).
-STREAMS = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(mlx_cpu.CPU_STREAMS - 1)]
+STREAMS = [mx.default_stream(mx.default_device())] + [mx.new_stream(mx.cpu) for _ in range(mlx_cpu.CPU_STREAMS - 1)]
 
 
 def init_distributed():

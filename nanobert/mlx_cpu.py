@@ -111,9 +111,9 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 FAST = sys.platform == "linux" and mx.default_device() == mx.cpu  # fix 3 applies
-# Fix 4: streams engine_mlx splits a batch over (1 on a GPU; $NANOBERT_MLX_STREAMS overrides).
-CPU_STREAMS = int(os.environ.get("NANOBERT_MLX_STREAMS", 0)) or (
-    max(1, (os.cpu_count() or 1) // launched_world_size()) if FAST else 1)
+# Fix 4: streams engine_mlx splits a batch over ($NANOBERT_MLX_STREAMS overrides; 1 off Linux CPUs).
+CPU_STREAMS = (int(os.environ.get("NANOBERT_MLX_STREAMS", 0))
+               or max(1, (os.cpu_count() or 1) // launched_world_size())) if FAST else 1
 if CPU_STREAMS > 1 and _blas and hasattr(ctypes.CDLL(_blas), "openblas_set_num_threads"):
     ctypes.CDLL(_blas).openblas_set_num_threads(1)  # the streams are the threads now
 LOG2E, LN2_HI, LN2_LO = 1.4426950408889634, 0.693359375, -2.12194440e-4  # ln 2 = HI + LO, HI exact in fp32

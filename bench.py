@@ -2,7 +2,8 @@
 
     python bench.py                          # every workload; a table, fp32 on CPU
     python bench.py --workloads mlm,qa_infer --repeats 7 --json bench.json
-    python bench.py --compile                # also torch.compile / mx.compile variants
+    python bench.py --compile                # the torch twin torch.compile'd
+    NANOBERT_MLX_COMPILE=0 python bench.py   # the MLX twin's training step eager (default: mx.compile'd)
     python bench.py --memory                 # also peak RSS of each implementation (one process each)
     python bench.py --profile torch --workloads qa   # where the time goes: torch.profiler table
 
@@ -142,7 +143,7 @@ def build(name, compile_twins=False, impls=("hf", "torch", "mlx")):
     for impl, M, E in (("torch", MT, ET), ("mlx", MM, EM)):
         if impl in impls:
             twin = getattr(M, head).from_pretrained(tmp)
-            if compile_twins:
+            if compile_twins and impl == "torch":
                 E.compile(twin)
             if train:
                 opt = E.AdamW(twin)
@@ -194,7 +195,8 @@ def main():
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="compile the twins (torch.compile, mx.compile)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the torch twin (the MLX twin's training step is always mx.compile'd)")
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS, one process per implementation")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", choices=["hf", "torch"], help="instead: torch.profiler tables of one implementation")
@@ -210,7 +212,7 @@ def main():
     peaks = {"torch": gemm_peak("torch"), "mlx": gemm_peak("mlx")}
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__} " \
               f"({torch.get_num_threads()} threads), mlx {mx.__version__} (BLAS: {mlx_cpu.loaded_blas()}, " \
-              f"{len(EM.STREAMS)} streams), " \
+              f"{len(EM.STREAMS)} streams, training step {'compiled' if EM.COMPILE else 'eager'}), " \
               f"transformers {transformers.__version__}"
     print(f"machine: {machine}\nGEMM peak (2048^3 fp32): torch {peaks['torch']:.0f} GFLOP/s, MLX {peaks['mlx']:.0f} GFLOP/s")
     print(f"{'workload':10s} {'impl':6s} {'median s':>9s} {'spread s':>15s} {'tokens/s':>9s} {'vs HF':>6s} {'MFU':>5s}"
@@ -224,7 +226,8 @@ def main():
             peak = peaks["mlx" if impl == "mlx" else "torch"]
             row = {"workload": name, "impl": impl, "median_s": med, "min_s": min(ts), "max_s": max(ts),
                    "tokens_per_s": tokens / med, "vs_hf": tokens / med / hf_rate,
-                   "mfu": flops[impl] / med / (peak * 1e9), "compiled": args.compile and impl != "hf"}
+                   "mfu": flops[impl] / med / (peak * 1e9),
+                   "compiled": {"hf": False, "torch": args.compile, "mlx": EM.COMPILE and WORKLOADS[name][4]}[impl]}
             if args.memory:
                 row["peak_rss_mib"] = peak_rss(name, impl, args.compile)
             results.append(row)

@@ -69,7 +69,7 @@ DEFAULTS = dict(
     max_checkpoints=2,
     resume="",                        # bare --resume: latest checkpoint in out_dir; or a checkpoint path
     seed=0,
-    compile=False,                    # torch.compile / mx.compile the training step
+    compile=False,                    # torch backend: torch.compile the model (MLX always compiles its step)
     show="",                          # print a checkpoint's masked predictions on a held-out passage, then exit
 )
 
@@ -78,9 +78,10 @@ class MLMBatches:
     """Global batches from a ShardStream, masked with an rng drawn from (seed, batch number):
     the masks are new every time a sample comes round, and a resumed run draws the same ones."""
 
-    def __init__(self, stream, global_batch, specials, vocab_size, mlm_prob, seed):
+    def __init__(self, stream, global_batch, specials, vocab_size, mlm_prob, seed, pad_multiple):
         self.stream, self.global_batch, self.specials = stream, global_batch, specials
         self.vocab_size, self.mlm_prob, self.seed, self.count = vocab_size, mlm_prob, seed, 0
+        self.pad_multiple = pad_multiple  # the engine's E.PAD_MULTIPLE: few shapes for a compiled step
 
     @property
     def epoch(self):
@@ -90,7 +91,7 @@ class MLMBatches:
         samples = [next(self.stream) for _ in range(self.global_batch)]
         rng = np.random.default_rng([self.seed, self.count])
         self.count += 1
-        return mlm_data.mlm_batch(samples, rng, self.specials, self.vocab_size, self.mlm_prob)
+        return mlm_data.mlm_batch(samples, rng, self.specials, self.vocab_size, self.mlm_prob, self.pad_multiple)
 
     def state_dict(self):
         return {"stream": self.stream.state_dict(), "count": self.count}
@@ -122,7 +123,7 @@ def main():
     stream = mlm_data.ShardStream(os.path.join(cfg.data_dir, "train-*.msgpack"), seed=cfg.seed,
                                   expect_vocab_hash=vocab_hash, expect_max_len=cfg.max_len)
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    loader = MLMBatches(stream, global_batch, specials, vocab_size, cfg.mlm_prob, cfg.seed)
+    loader = MLMBatches(stream, global_batch, specials, vocab_size, cfg.mlm_prob, cfg.seed, E.PAD_MULTIPLE)
     val_batches = heldout_batches(cfg, "val", specials, vocab_size, vocab_hash)
     baseline = unigram_accuracy(stream, val_batches, vocab_size)
     max_iters = cfg.max_steps
@@ -145,6 +146,8 @@ def main():
                          f"the data in {cfg.data_dir} {vocab_size}")
     E.prepare(model)
     if cfg.compile:
+        if cfg.backend != "torch":
+            raise ValueError("compile: torch.compile is for --backend torch; the MLX twin always mx.compiles its step")
         E.compile(model)
     opt = E.AdamW(model, weight_decay=cfg.weight_decay)
     if master:

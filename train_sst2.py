@@ -73,7 +73,7 @@ def main():
     # The order of an epoch is a function of (seed, epoch) only: a resumed run sees the same batches.
     loader = EpochLoader(lambda epoch, start: glue.glue_batches(
         train_enc, train_labels, global_batch, rng=np.random.default_rng([cfg.seed, epoch]),
-        pad_to=cfg.pad_to or None, bucket=cfg.bucket, start=start), steps_per_epoch)
+        pad_to=cfg.pad_to or None, bucket=cfg.bucket, start=start, pad_to_multiple_of=E.PAD_MULTIPLE), steps_per_epoch)
 
     # --- model + optimizer ----------------------------------------------------------------
     E.seed(cfg.seed)

@@ -7,6 +7,8 @@ optimizer state (else the graph of every step would pile up). Under
 weights once, then sum the gradients across processes once per step.
 """
 
+import os
+
 import numpy as np
 
 from nanobert import mlx_cpu  # noqa: F401  first: a fast BLAS for MLX on Linux (see mlx_cpu.py)
@@ -20,7 +22,13 @@ from nanobert import training  # noqa: E402
 from nanobert.training import launched_world_size, n_items  # noqa: E402
 
 GROUP = None  # the mx.distributed group, once init_distributed() ran under a launcher
-COMPILED = {}  # id(model) -> its compiled loss-and-gradient function, once compile(model) ran
+# train_step mx.compiles the loss-and-gradient function: MLX then fuses chains of elementwise
+# ops (softmax, GELU, dropout, LayerNorm and their backward passes) into single kernels, where
+# eager MLX runs each op as its own pass over memory. On a Linux CPU that makes a step 1.3-2x
+# faster. Every new batch shape traces and compiles again (~1 s), so the training data code
+# pads T to a multiple of PAD_MULTIPLE to keep the shapes few. NANOBERT_MLX_COMPILE=0: eager.
+COMPILE = os.environ.get("NANOBERT_MLX_COMPILE", "1") != "0"
+PAD_MULTIPLE = 8 if COMPILE else 1
 # MLX's CPU backend runs each op on one thread, its stream's: one stream per core, each given
 # a slice of the batch's rows, puts every core to work (mlx_cpu.py, fix 4; one stream on a GPU).
 STREAMS = [mx.default_stream(mx.default_device())] + [mx.new_stream(mx.cpu) for _ in range(mlx_cpu.CPU_STREAMS - 1)]
@@ -58,16 +66,17 @@ def seed(seed):
     mx.random.seed(seed)
 
 
-def compile(model):
-    """mx.compile the loss-and-gradient function of train_step: MLX traces it once per batch
-    shape and fuses elementwise chains. It reads and writes the model's parameters and the
-    RNG (dropout), so those are declared as the compiled function's state."""
-    state = [model.state, mx.random.state]
-    COMPILED[id(model)] = mx.compile(_loss_and_grad(model), inputs=state, outputs=state)
-
-
-def _loss_and_grad(model):
-    return nn.value_and_grad(model, lambda batch, weight: model(**batch).loss * weight)
+def loss_and_grad(model):
+    """(batch, weight) -> (weight * mean loss, gradients of the trainable parameters); with
+    COMPILE, mx.compile'd once per model (kept on the model). The compiled function reads and
+    writes the model's parameters and the RNG (dropout), so those are declared as its state."""
+    fun = nn.value_and_grad(model, lambda batch, weight: model(**batch).loss * weight)
+    if not COMPILE:
+        return fun
+    if getattr(model, "_compiled_loss_and_grad", None) is None:
+        state = [model.state, mx.random.state]
+        model._compiled_loss_and_grad = mx.compile(fun, inputs=state, outputs=state)
+    return model._compiled_loss_and_grad
 
 
 def tensors(batch):
@@ -93,7 +102,7 @@ def train_step(model, opt, micro_batches, lr, grad_clip, seed):
     """
     model.train()
     mx.random.seed(seed)
-    loss_and_grad = COMPILED.get(id(model)) or _loss_and_grad(model)
+    step = loss_and_grad(model)
     counts = [n_items(b) for b in micro_batches]
     total = all_sum(sum(counts))
     grads, loss = None, mx.array(0.0)
@@ -102,7 +111,7 @@ def train_step(model, opt, micro_batches, lr, grad_clip, seed):
             for shard, stream in zip(training.micro_batches(batch, 0, 1, len(STREAMS), trim=False), STREAMS):
                 if n_shard := n_items(shard):
                     with mx.stream(stream):  # this shard's graph, backward included, runs on `stream`
-                        part, g = loss_and_grad(tensors(shard), mx.array(n_shard / total))
+                        part, g = step(tensors(shard), mx.array(n_shard / total))
                     g = dict(tree_flatten(g))
                     grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
                     loss = loss + part

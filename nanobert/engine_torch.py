@@ -14,6 +14,7 @@ from nanobert.optim_torch import AdamW, clip_grad_norm  # noqa: F401  (AdamW: th
 from nanobert.training import n_items
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PAD_MULTIPLE = 1  # eager torch runs any batch shape as fast: pad T to the longest row only (engine_mlx: 8)
 
 
 def init_distributed():

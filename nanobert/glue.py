@@ -113,13 +113,15 @@ def encode_glue(tokenizer, examples, max_length=128):
             "token_type_ids": [np.array(e.type_ids, np.int32) for e in encodings]}
 
 
-def glue_batches(encoded, labels, batch_size, rng=None, pad_id=0, pad_to=None, bucket=False, start=0):
+def glue_batches(encoded, labels, batch_size, rng=None, pad_id=0, pad_to=None, bucket=False, start=0,
+                 pad_to_multiple_of=1):
     """One epoch of padded batches: every example exactly once, in ceil(N / batch_size) batches.
 
     encoded: from encode_glue (N examples); labels: (N,) ints. Yields dicts of int32 arrays
     input_ids, attention_mask, token_type_ids (B, T) and labels (B,); T is the batch's own
-    longest sequence (dynamic padding) or `pad_to` (fixed padding). Only the last batch
-    may have B < batch_size.
+    longest sequence (dynamic padding; rounded up to a multiple of pad_to_multiple_of, as
+    HF's collators, so a compiled step sees few shapes) or `pad_to` (fixed padding). Only
+    the last batch may have B < batch_size.
 
     rng (np.random.Generator) shuffles; None keeps the given order (evaluation). bucket:
     length-bucketed batches (training.batch_indices). On the SST-2 train set at batch 32 an
@@ -140,7 +142,7 @@ def glue_batches(encoded, labels, batch_size, rng=None, pad_id=0, pad_to=None, b
     if pad_to is not None and lengths.max() > pad_to:
         raise ValueError(f"pad_to={pad_to} is shorter than the longest example ({lengths.max()} tokens)")
     for idx in batch_indices(lengths, batch_size, rng, bucket)[start:]:
-        shape = (len(idx), pad_to or lengths[idx].max())
+        shape = (len(idx), pad_to or -(-lengths[idx].max() // pad_to_multiple_of) * pad_to_multiple_of)
         batch = {"input_ids": np.full(shape, pad_id, np.int32), "attention_mask": np.zeros(shape, np.int32),
                  "token_type_ids": np.zeros(shape, np.int32), "labels": labels[idx].astype(np.int32)}
         for row, i in enumerate(idx):

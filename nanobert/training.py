@@ -167,17 +167,18 @@ def batch_indices(lengths, batch_size, rng=None, bucket=False):
     return batches
 
 
-def micro_batches(batch, rank, world, grad_accum, trim=True):
+def micro_batches(batch, rank, world, grad_accum, trim=True, multiple=1):
     """This rank's `grad_accum` micro-batches of a global batch (rows split evenly; the last
     global batch of an epoch may be smaller, and then some micro-batches may be empty and
-    are dropped). With `trim`, each is cut to its own longest row, so no step computes on
-    columns that are padding in every row."""
-    B = len(batch["input_ids"])
+    are dropped). With `trim`, each is cut to its own longest row rounded up to a multiple
+    of `multiple` (at most the batch's width), so no step computes on columns that are
+    padding in every row, and a compiled step sees few distinct shapes."""
+    B, width = batch["input_ids"].shape
     parts = np.array_split(np.arange(B), world * grad_accum)[rank * grad_accum:(rank + 1) * grad_accum]
     out = []
     for rows in parts:
         if len(rows):
-            T = int(batch["attention_mask"][rows].sum(1).max()) if trim else batch["input_ids"].shape[1]
+            T = min(width, -(-int(batch["attention_mask"][rows].sum(1).max()) // multiple) * multiple) if trim else width
             part = {k: v[rows, :T] for k, v in batch.items() if v.ndim == 2}
             part.update({k: v[rows] for k, v in batch.items() if v.ndim == 1 and k != "masked_positions"})
             if "masked_positions" in batch:  # MLM's sparse head: positions into this part's B*T, as many
@@ -350,7 +351,8 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
     save of the model (default: everything; LoRA saves only what trains, with adapter=True:
     as adapter.safetensors, see checkpoint.save). panels: [(title,
     [metric names])] to plot (default: train loss, all evaluation metrics, lr).
-    trim: cut micro-batches to their longest row (off to measure fixed padding).
+    trim: cut micro-batches to their longest row, rounded up to a multiple of E.PAD_MULTIPLE
+    (off to measure fixed padding).
     Returns {"best": best value of best_metric, "train_s": seconds spent in training steps,
     "tokens": non-padding tokens trained on, "steps": optimizer steps taken} (this run only).
     """
@@ -377,7 +379,7 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
         t0 = time.time()
         batch = loader.next()
         lr = get_lr(step, cfg.lr, warmup_iters, max_iters, cfg.min_lr)
-        parts = micro_batches(batch, rank, world, cfg.grad_accum, trim)
+        parts = micro_batches(batch, rank, world, cfg.grad_accum, trim, E.PAD_MULTIPLE)
         loss, grad_norm = E.train_step(model, opt, parts, lr, cfg.grad_clip, step_seed(cfg.seed, step, rank))
         step += 1
         window_tokens += int(batch["attention_mask"].sum())

@@ -208,6 +208,14 @@ def test_fixed_padding_and_bucketing_padding_cost():
         next(glue_batches(encoded, labels, 32, pad_to=16))
 
 
+def test_pad_to_multiple_of_rounds_the_width_up():
+    encoded, labels = synthetic(200)
+    for plain, rounded in zip(glue_batches(encoded, labels, 32), glue_batches(encoded, labels, 32, pad_to_multiple_of=8)):
+        T = plain["input_ids"].shape[1]
+        assert rounded["input_ids"].shape[1] == -(-T // 8) * 8
+        assert (rounded["input_ids"][:, :T] == plain["input_ids"]).all() and not rounded["attention_mask"][:, T:].any()
+
+
 @pytest.mark.parametrize("bucket", [False, True])
 def test_resume_mid_epoch_gives_the_remaining_batches(bucket):
     encoded, labels = synthetic(500)

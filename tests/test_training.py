@@ -176,6 +176,60 @@ def test_accumulation_equals_big_batch(backend):
     assert_weights_equal(final[0], final[1], 1e-5)
 
 
+def test_micro_batches_trim_to_the_longest_row_rounded_up():
+    rng = np.random.default_rng(0)
+    batch = mlm_batch(rng, 8, 20, 50)
+    batch["attention_mask"][:, 11:] = 0  # every row at most 11 long
+    batch["attention_mask"][0, :11] = 1
+    widths = lambda **kw: [p["input_ids"].shape[1] for p in micro_batches(batch, 0, 1, 2, **kw)]
+    lengths = [int(batch["attention_mask"][rows].sum(1).max()) for rows in (slice(0, 4), slice(4, 8))]
+    assert widths() == lengths and lengths[0] == 11
+    assert widths(multiple=8) == [-(-n // 8) * 8 for n in lengths]
+    assert widths(multiple=32) == [20, 20] and widths(trim=False) == [20, 20]  # never wider than the batch
+
+
+@pytest.mark.parametrize("head", ["BertForMaskedLM", "BertForSequenceClassification", "BertForQuestionAnswering"])
+def test_mlx_compiled_step_equals_eager(head, monkeypatch):
+    """The MLX twin's training step is mx.compile'd: its loss, gradients and dropout masks are
+    the eager step's, for batches of two widths (each traced anew) and for a second model
+    (which must get its own compiled function, not the first model's)."""
+    import nanobert.engine_mlx as E
+    import nanobert.model_mlx as M
+    config = tiny_config(num_labels=2)
+    rng = np.random.default_rng(0)
+    batches = []
+    for T in (12, 16):
+        batch = mlm_batch(rng, 8, T, config.vocab_size)
+        if head == "BertForSequenceClassification":
+            batch["labels"] = rng.integers(0, 2, 8).astype(np.int32)
+        elif head == "BertForQuestionAnswering":
+            del batch["labels"]
+            batch["start_positions"], batch["end_positions"] = (rng.integers(0, 3, 8).astype(np.int32) for _ in "se")
+        batches.append(batch)
+    clip = E.clip_grad_norm
+    results = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(E, "COMPILE", compiled)
+        for seed in (0, 1):  # two models, the second created after the first one's steps
+            grads = []
+            monkeypatch.setattr(E, "clip_grad_norm", lambda g, c: (grads.append({k: np.array(v) for k, v in g.items()}),
+                                                                   clip(g, c))[1])
+            E.seed(seed)
+            model = getattr(M, head)(config).init_weights()
+            opt = E.AdamW(model)
+            losses = [E.train_step(model, opt, micro_batches(b, 0, 1, 1), 1e-3, 1.0, step)[0]
+                      for step, b in enumerate(batches * 2)]
+            assert (getattr(model, "_compiled_loss_and_grad", None) is not None) == compiled
+            results[compiled, seed] = losses, grads
+    for seed in (0, 1):
+        (eager_losses, eager_grads), (losses, grads) = results[False, seed], results[True, seed]
+        np.testing.assert_allclose(losses, eager_losses, rtol=1e-5)
+        for g, ref in zip(grads, eager_grads):
+            for k in ref:
+                np.testing.assert_allclose(g[k], ref[k], atol=1e-5 * max(1.0, np.abs(ref[k]).max()), err_msg=k)
+    assert results[True, 0][0] != results[True, 1][0]
+
+
 # --- DDP ----------------------------------------------------------------------------------------
 
 def launcher(name):

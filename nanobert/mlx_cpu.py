@@ -153,7 +153,8 @@ def _fast_gelu(x):
 @_fast_gelu.vjp
 def _fast_gelu_vjp(x, cotangent, y):
     # d/dx x Phi(x) = Phi(x) + x phi(x), with Phi(x) = y / x read off the forward's output.
-    # (Inside value_and_grad MLX runs compiled functions op by op, so fewer ops = faster.)
+    # (Inside an eager value_and_grad MLX runs compiled functions op by op, so fewer ops = faster;
+    # engine_mlx.train_step compiles its whole loss and gradient, which fuses this too.)
     phi_cdf = mx.where(x == 0, 0.5, y / mx.where(x == 0, 1.0, x))
     return (cotangent * (phi_cdf + x * INV_SQRT_2PI * _exp(-0.5 * x * x)),)
 

@@ -103,6 +103,8 @@ class MLMBatches:
 
 def main():
     cfg = configure(DEFAULTS, sys.argv[1:], __doc__)
+    if cfg.compile and cfg.backend != "torch":
+        raise ValueError("compile: torch.compile is for --backend torch; the MLX twin always mx.compiles its step")
     models, E = load_backend(cfg.backend)
     if cfg.show:
         return show_checkpoint(cfg, models, E)
@@ -146,8 +148,6 @@ def main():
                          f"the data in {cfg.data_dir} {vocab_size}")
     E.prepare(model)
     if cfg.compile:
-        if cfg.backend != "torch":
-            raise ValueError("compile: torch.compile is for --backend torch; the MLX twin always mx.compiles its step")
         E.compile(model)
     opt = E.AdamW(model, weight_decay=cfg.weight_decay)
     if master:

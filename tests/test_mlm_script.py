@@ -85,6 +85,14 @@ def test_ddp_two_processes_equal_one_process_double_batch(backend, corpus, tmp_p
                          load_file(tmp_path / "two" / "ckpt-000006" / "model.safetensors"), 1e-5)
 
 
+def test_compile_is_for_the_torch_backend(corpus, tmp_path):
+    out = run_script(mlm_args(corpus, tmp_path / "data", tmp_path / "out", "--backend=mlx", "--compile"), timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: compile:") and "--backend torch" in last, out.stderr
+    assert not (tmp_path / "data").exists()  # refused before any work
+
+
 @pytest.mark.parametrize("content, message", [
     ("", "no text"),
     (b"\xff\xfe not utf-8", "not UTF-8"),

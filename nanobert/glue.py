@@ -13,7 +13,7 @@ import os
 import numpy as np
 from tokenizers import Tokenizer
 
-from nanobert.training import batch_indices
+from nanobert.training import batch_indices, round_up
 
 # task -> (TSV header, column of text_a, column of text_b or None, column of the label)
 TSV_COLUMNS = {
@@ -142,7 +142,7 @@ def glue_batches(encoded, labels, batch_size, rng=None, pad_id=0, pad_to=None, b
     if pad_to is not None and lengths.max() > pad_to:
         raise ValueError(f"pad_to={pad_to} is shorter than the longest example ({lengths.max()} tokens)")
     for idx in batch_indices(lengths, batch_size, rng, bucket)[start:]:
-        shape = (len(idx), pad_to or -(-lengths[idx].max() // pad_to_multiple_of) * pad_to_multiple_of)
+        shape = (len(idx), pad_to or round_up(lengths[idx].max(), pad_to_multiple_of))
         batch = {"input_ids": np.full(shape, pad_id, np.int32), "attention_mask": np.zeros(shape, np.int32),
                  "token_type_ids": np.zeros(shape, np.int32), "labels": labels[idx].astype(np.int32)}
         for row, i in enumerate(idx):

@@ -55,7 +55,7 @@ from tqdm import tqdm
 from nanobert.fileio import atomic_path
 from nanobert.hub import resolve
 from nanobert.tokenizer import load_tokenizer, save_tokenizer, special_ids, train_wordpiece
-from nanobert.training import sparse_positions
+from nanobert.training import round_up, sparse_positions
 
 UNK_TEXT = "[UNK]"  # what WikiText's <unk> becomes
 SHARD_FORMAT, SHARD_VERSION = "nanobert-mlm-shard", 1
@@ -398,7 +398,7 @@ def mlm_batch(samples, rng, specials, vocab_size, mlm_prob=0.15, pad_to_multiple
     pad_to_multiple_of > 1 rounds T up, so a compiled step sees fewer shapes.
     -> {"input_ids", "attention_mask", "token_type_ids", "labels"}: (B, T) int32, "masked_positions": (N,) int32.
     """
-    seq_len = -(-max(len(s) for s in samples) // pad_to_multiple_of) * pad_to_multiple_of
+    seq_len = round_up(max(len(s) for s in samples), pad_to_multiple_of)
     input_ids = np.full((len(samples), seq_len), specials["pad"], np.int32)
     attention_mask = np.zeros((len(samples), seq_len), np.int32)
     for row, sample in enumerate(samples):

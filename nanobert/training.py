@@ -167,6 +167,11 @@ def batch_indices(lengths, batch_size, rng=None, bucket=False):
     return batches
 
 
+def round_up(n, multiple):
+    """n rounded up to a multiple of `multiple` (padded lengths: few shapes for a compiled step)."""
+    return -(-n // multiple) * multiple
+
+
 def micro_batches(batch, rank, world, grad_accum, trim=True, multiple=1):
     """This rank's `grad_accum` micro-batches of a global batch (rows split evenly; the last
     global batch of an epoch may be smaller, and then some micro-batches may be empty and
@@ -178,7 +183,7 @@ def micro_batches(batch, rank, world, grad_accum, trim=True, multiple=1):
     out = []
     for rows in parts:
         if len(rows):
-            T = min(width, -(-int(batch["attention_mask"][rows].sum(1).max()) // multiple) * multiple) if trim else width
+            T = min(width, round_up(int(batch["attention_mask"][rows].sum(1).max()), multiple)) if trim else width
             part = {k: v[rows, :T] for k, v in batch.items() if v.ndim == 2}
             part.update({k: v[rows] for k, v in batch.items() if v.ndim == 1 and k != "masked_positions"})
             if "masked_positions" in batch:  # MLM's sparse head: positions into this part's B*T, as many

@@ -70,12 +70,14 @@ def loss_and_grad(model):
     """(batch, weight) -> (weight * mean loss, gradients of the trainable parameters); with
     COMPILE, mx.compile'd once per model (kept on the model). The compiled function reads and
     writes the model's parameters and the RNG (dropout), so those are declared as its state."""
+    compiled = getattr(model, "_compiled_loss_and_grad", None)
+    if compiled is not None:
+        return compiled
     fun = nn.value_and_grad(model, lambda batch, weight: model(**batch).loss * weight)
     if not COMPILE:
         return fun
-    if getattr(model, "_compiled_loss_and_grad", None) is None:
-        state = [model.state, mx.random.state]
-        model._compiled_loss_and_grad = mx.compile(fun, inputs=state, outputs=state)
+    state = [model.state, mx.random.state]
+    model._compiled_loss_and_grad = mx.compile(fun, inputs=state, outputs=state)
     return model._compiled_loss_and_grad
 
 

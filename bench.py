@@ -18,6 +18,7 @@ the sparse MLM head, our AdamW); inference is a no-grad forward.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -108,6 +109,16 @@ def gemm_peak(framework, n=2048, repeats=10):
         run()
         times.append(time.perf_counter() - t)
     return 2 * n ** 3 / min(times) / 1e9
+
+
+def blas_kernels():
+    """' (<name> kernels)' where MLX's BLAS is OpenBLAS: the CPU family it picked kernels for
+    (its own detection, or $OPENBLAS_CORETYPE), which sets its GEMM speed."""
+    lib = ctypes.CDLL(mlx_cpu.loaded_blas()) if mlx_cpu.loaded_blas() else None
+    if lib is None or not hasattr(lib, "openblas_get_corename"):
+        return ""
+    lib.openblas_get_corename.restype = ctypes.c_char_p
+    return f" ({lib.openblas_get_corename().decode()} kernels)"
 
 
 def build(name, compile_twins=False, impls=("hf", "torch", "mlx")):
@@ -211,7 +222,7 @@ def main():
         return
     peaks = {"torch": gemm_peak("torch"), "mlx": gemm_peak("mlx")}
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__} " \
-              f"({torch.get_num_threads()} threads), mlx {mx.__version__} (BLAS: {mlx_cpu.loaded_blas()}, " \
+              f"({torch.get_num_threads()} threads), mlx {mx.__version__} (BLAS: {mlx_cpu.loaded_blas()}{blas_kernels()}, " \
               f"{len(EM.STREAMS)} streams, training step {'compiled' if EM.COMPILE else 'eager'}), " \
               f"transformers {transformers.__version__}"
     print(f"machine: {machine}\nGEMM peak (2048^3 fp32): torch {peaks['torch']:.0f} GFLOP/s, MLX {peaks['mlx']:.0f} GFLOP/s")

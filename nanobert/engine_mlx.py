@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from nanobert import mlx_cpu  # noqa: F401  first: a fast BLAS for MLX on Linux (see mlx_cpu.py)
+from nanobert import mlx_cpu  # first: a fast BLAS for MLX on Linux (see mlx_cpu.py)
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -31,7 +31,7 @@ COMPILE = os.environ.get("NANOBERT_MLX_COMPILE", "1") != "0"
 PAD_MULTIPLE = 8 if COMPILE else 1
 # MLX's CPU backend runs each op on one thread, its stream's: one stream per core, each given
 # a slice of the batch's rows, puts every core to work (mlx_cpu.py, fix 4; one stream on a GPU).
-STREAMS = [mx.default_stream(mx.default_device())] + [mx.new_stream(mx.cpu) for _ in range(mlx_cpu.CPU_STREAMS - 1)]
+STREAMS = mlx_cpu.STREAMS
 
 
 def init_distributed():

@@ -13,13 +13,31 @@ with gradient g at step t (1-based):
 The (1 - beta^t) terms undo the bias of m and v towards their zero start ("bias
 correction"; MLX's own optim.AdamW leaves it off by default). MLX arrays are values,
 not buffers: the step computes new arrays and hands them to the model with `update`.
+Each parameter's update is one mx.compile'd function, so its ~10 elementwise ops run as one
+pass over memory (MLX's own elementwise ops are not vectorised on x86 CPUs; its fused
+kernels are: a step over 22.6M parameters took 100 ms op by op, 63 ms fused, 34 ms with the
+parameters shared out over two CPU streams).
 """
 
 import math
 
-import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+
+from nanobert.mlx_cpu import STREAMS  # first: a fast BLAS for MLX on Linux (see mlx_cpu.py)
+
+import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+
+
+@mx.compile
+def adamw_update(p, g, m, v, decay, step_size, bias_correction2_sqrt, beta1, beta2, eps):
+    """One parameter's AdamW update (the formulas above) -> new (p, m, v). The Python floats
+    (betas, eps) are constants of the compiled function; what changes each step comes as arrays,
+    so the function is traced once per parameter shape, not once per step."""
+    p = p * decay
+    m = m + (1 - beta1) * (g - m)  # torch's lerp
+    v = beta2 * v + (1 - beta2) * g * g
+    return p - step_size * m / (mx.sqrt(v) / bias_correction2_sqrt + eps), m, v
 
 
 class AdamW:
@@ -37,24 +55,28 @@ class AdamW:
         self.exp_avg = {n: mx.zeros_like(p) for n, p in params.items()}
         self.exp_avg_sq = {n: mx.zeros_like(p) for n, p in params.items()}
         self.step_count = 0
+        # Each parameter's update runs on one of the CPU streams (one per core, mlx_cpu.py's
+        # fix 4): largest first, each to the stream with the fewest weights so far.
+        load = [0] * len(STREAMS)
+        self.stream = {}
+        for n in sorted(params, key=lambda n: -params[n].size):
+            i = load.index(min(load))
+            self.stream[n], load[i] = STREAMS[i], load[i] + params[n].size
 
     def step(self, grads, lr):
         """One update of every parameter from `grads` ({name: array}), at learning rate `lr`."""
         self.step_count += 1
         beta1, beta2 = self.betas
-        step_size = lr / (1 - beta1 ** self.step_count)
-        bias_correction2_sqrt = math.sqrt(1 - beta2 ** self.step_count)
+        step_size = mx.array(lr / (1 - beta1 ** self.step_count))
+        bias_correction2_sqrt = mx.array(math.sqrt(1 - beta2 ** self.step_count))
+        decay, no_decay = mx.array(1 - lr * self.weight_decay), mx.array(1.0)
         params = dict(tree_flatten(self.model.trainable_parameters()))
         new = {}
         for n, g in grads.items():
-            p, m, v = params[n], self.exp_avg[n], self.exp_avg_sq[n]
-            if self.decay[n]:
-                p = p * (1 - lr * self.weight_decay)
-            m = m + (1 - beta1) * (g - m)  # torch's lerp
-            v = beta2 * v + (1 - beta2) * g * g
-            denom = mx.sqrt(v) / bias_correction2_sqrt + self.eps
-            new[n] = p - step_size * m / denom
-            self.exp_avg[n], self.exp_avg_sq[n] = m, v
+            with mx.stream(self.stream[n]):
+                new[n], self.exp_avg[n], self.exp_avg_sq[n] = adamw_update(
+                    params[n], g, self.exp_avg[n], self.exp_avg_sq[n], decay if self.decay[n] else no_decay,
+                    step_size, bias_correction2_sqrt, beta1, beta2, self.eps)
         self.model.update(tree_unflatten(list(new.items())))
 
     def state_numpy(self):

@@ -4,7 +4,7 @@
     python bench.py --workloads mlm,qa_infer --repeats 7 --json bench.json
     python bench.py --compile                # the torch twin torch.compile'd
     NANOBERT_MLX_COMPILE=0 python bench.py   # the MLX twin's training step eager (default: mx.compile'd)
-    python bench.py --memory                 # also peak RSS of each implementation (one process each)
+    python bench.py --alone                  # also each implementation alone in its own process: peak RSS, time
     python bench.py --profile torch --workloads qa   # where the time goes: torch.profiler table
 
 Each workload builds HF's model from a random config, saves it, and loads both twins from
@@ -14,7 +14,9 @@ slows all three alike; we report the median and the spread (min-max) of the repe
 tokens/s, the ratio to HF, and MFU: the step's matmul FLOPs (as that implementation runs
 them) over the GEMM peak measured in the same run for its framework. Training steps are
 forward + backward + AdamW (HF: torch.optim.AdamW, sdpa attention, dense MLM head; ours:
-the sparse MLM head, our AdamW); inference is a no-grad forward.
+the sparse MLM head, our AdamW); inference is a no-grad forward. In one process all three
+share the allocator setting nanobert's engines make (training.keep_freed_memory); --alone
+runs each in a fresh process as its users run it, HF with glibc's defaults.
 """
 
 import argparse
@@ -180,14 +182,30 @@ def time_workload(name, repeats, warmup, compile_twins=False):
     return times, flops, tokens
 
 
-def peak_rss(name, impl, compile_twins):
-    """Peak RSS (MiB) of a fresh process that runs only `impl` on `name` (3 steps)."""
-    code = (f"import bench\nsteps, _, _ = bench.build({name!r}, {compile_twins}, impls=[{impl!r}])\n"
-            f"[steps[{impl!r}]() for _ in range(3)]\nprint(bench.peak_rss_mb())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__) or ".")
+ALONE = """
+import json, statistics, time
+import bench
+steps, _, _ = bench.build({name!r}, {compile_twins}, impls=[{impl!r}])
+times = []
+for i in range({warmup} + {repeats}):
+    t = time.perf_counter()
+    steps[{impl!r}]()
+    times.append(time.perf_counter() - t)
+print(json.dumps({{"peak_rss_mib": bench.peak_rss_mb(), "alone_s": statistics.median(times[{warmup}:])}}))
+"""
+
+
+def alone(name, impl, compile_twins, warmup, repeats):
+    """{peak_rss_mib, alone_s (median step)} of a fresh process running only `impl` on `name`,
+    as its users run it: HF with glibc's default allocator, the twins with the setting their
+    engines make (training.keep_freed_memory), which in this process all three share."""
+    code = ALONE.format(name=name, impl=impl, compile_twins=compile_twins, warmup=warmup, repeats=repeats)
+    env = {**os.environ, "NANOBERT_KEEP_FREED_MEMORY": "0" if impl == "hf" else "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(__file__) or ".")
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
-    return float(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def profile(name, impl, compile_twins, rows=12):
@@ -208,7 +226,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the torch twin (the MLX twin's training step is always mx.compile'd)")
-    parser.add_argument("--memory", action="store_true", help="also measure peak RSS, one process per implementation")
+    parser.add_argument("--alone", action="store_true",
+                        help="also run each implementation alone in a fresh process, as its users run it: peak RSS, "
+                             "step time, ratio to HF alone")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", choices=["hf", "torch"], help="instead: torch.profiler tables of one implementation")
     args = parser.parse_args()
@@ -227,7 +247,7 @@ def main():
               f"transformers {transformers.__version__}"
     print(f"machine: {machine}\nGEMM peak (2048^3 fp32): torch {peaks['torch']:.0f} GFLOP/s, MLX {peaks['mlx']:.0f} GFLOP/s")
     print(f"{'workload':10s} {'impl':6s} {'median s':>9s} {'spread s':>15s} {'tokens/s':>9s} {'vs HF':>6s} {'MFU':>5s}"
-          + (f" {'peak RSS MiB':>12s}" if args.memory else ""))
+          + (f" {'peak RSS MiB':>12s} {'alone s':>8s} {'vs HF':>6s}" if args.alone else ""))
     results = []
     for name in names:
         times, flops, tokens = time_workload(name, args.repeats, args.warmup, args.compile)
@@ -239,12 +259,16 @@ def main():
                    "tokens_per_s": tokens / med, "vs_hf": tokens / med / hf_rate,
                    "mfu": flops[impl] / med / (peak * 1e9),
                    "compiled": {"hf": False, "torch": args.compile, "mlx": EM.COMPILE and WORKLOADS[name][4]}[impl]}
-            if args.memory:
-                row["peak_rss_mib"] = peak_rss(name, impl, args.compile)
+            if args.alone:
+                row.update(alone(name, impl, args.compile, args.warmup, args.repeats))
+                if impl == "hf":  # the first of each workload
+                    hf_alone = row["alone_s"]
+                row["alone_vs_hf"] = hf_alone / row["alone_s"]
             results.append(row)
             print(f"{name:10s} {impl:6s} {med:9.3f} {row['min_s']:7.3f}-{row['max_s']:<7.3f} {row['tokens_per_s']:9.0f} "
                   f"{row['vs_hf']:6.2f} {100 * row['mfu']:4.0f}%"
-                  + (f" {row['peak_rss_mib']:12.0f}" if args.memory else ""), flush=True)
+                  + (f" {row['peak_rss_mib']:12.0f} {row['alone_s']:8.3f} {row['alone_vs_hf']:6.2f}" if args.alone else ""),
+                  flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "gemm_peak_gflops": peaks, "repeats": args.repeats, "results": results,

@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 
 from nanobert.optim_torch import AdamW, clip_grad_norm  # noqa: F401  (AdamW: the scripts use E.AdamW)
-from nanobert.training import n_items
+from nanobert.training import keep_freed_memory, n_items
 
+keep_freed_memory()  # CPU tensors reuse freed heap memory instead of page-faulting in fresh pages
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PAD_MULTIPLE = 1  # eager torch runs any batch shape as fast: pad T to the longest row only (engine_mlx: 8)
 

@@ -32,6 +32,10 @@ PAD_MULTIPLE = 8 if COMPILE else 1
 # MLX's CPU backend runs each op on one thread, its stream's: one stream per core, each given
 # a slice of the batch's rows, puts every core to work (mlx_cpu.py, fix 4; one stream on a GPU).
 STREAMS = mlx_cpu.STREAMS
+# predict runs at most this many tokens per stream at once: smaller pieces hold smaller
+# attention scores (B x heads x T x T floats). QA inference, B16 T384 on two streams, 8 rows
+# per stream -> 2: peak RSS 1,416 -> 713 MiB, 1.14 -> 1.09 s.
+PREDICT_TOKENS = 1024
 
 
 def init_distributed():
@@ -134,15 +138,23 @@ def train_step(model, opt, micro_batches, lr, grad_clip, seed):
 
 def predict(model, batch):
     """Eval-mode forward (no dropout; MLX builds no autograd graph unless asked) -> {name: numpy}.
-    Without targets (no loss) every output is per row, so the rows are split over the CPU streams."""
+    Without targets (no loss) every output is per row, so on a Linux CPU the rows are split
+    into shards of at most PREDICT_TOKENS tokens, run a wave at a time, one shard per stream."""
     model.eval()
-    has_loss = bool({"labels", "start_positions"} & batch.keys())
-    shards = [batch] if has_loss else training.micro_batches(batch, 0, 1, len(STREAMS), trim=False)
+    if {"labels", "start_positions"} & batch.keys():
+        waves = [[batch]]
+    else:
+        B, T = batch["input_ids"].shape
+        rows = max(1, PREDICT_TOKENS // T) if mlx_cpu.FAST else B
+        shards = training.micro_batches(batch, 0, 1, len(STREAMS) * -(-B // (len(STREAMS) * rows)), trim=False)
+        waves = [shards[i:i + len(STREAMS)] for i in range(0, len(shards), len(STREAMS))]
     outs = []
-    for shard, stream in zip(shards, STREAMS):
-        with mx.stream(stream):
-            out = model(**tensors(shard))
-        outs.append({k: v for k, v in out._asdict().items() if isinstance(v, mx.array)})
-    mx.eval(outs)  # all shards at once, each on its stream
-    outs = [{k: np.array(v) for k, v in out.items()} for out in outs]
+    for wave in waves:
+        arrays = []
+        for shard, stream in zip(wave, STREAMS):
+            with mx.stream(stream):
+                out = model(**tensors(shard))
+            arrays.append({k: v for k, v in out._asdict().items() if isinstance(v, mx.array)})
+        mx.eval(arrays)  # the wave's shards at once, each on its stream
+        outs += [{k: np.array(v) for k, v in a.items()} for a in arrays]
     return outs[0] if len(outs) == 1 else {k: np.concatenate([out[k] for out in outs]) for k in outs[0]}

@@ -120,7 +120,8 @@ def test_blas_runs_one_thread_per_stream():
 
 def test_split_over_streams_equals_one_stream(monkeypatch):
     """A training step's loss and gradients, and predictions, are the same whether a batch
-    runs on one stream or is split over three (uneven shards of 8 rows, padded ones too)."""
+    runs on one stream or is split over three (uneven shards of 8 rows, padded ones too), and
+    predictions also when predict runs the rows in waves of small shards."""
     import mlx.core as mx
     import nanobert.engine_mlx as E
     import nanobert.model_mlx as M
@@ -147,6 +148,10 @@ def test_split_over_streams_equals_one_stream(monkeypatch):
         model = M.BertForQuestionAnswering(config)
         model.load_numpy(init)
         predicted = E.predict(model, inputs)
+        if len(streams) == 3:
+            monkeypatch.setattr(E, "PREDICT_TOKENS", 24)  # 2 rows a shard: 2 waves of 3 shards
+            waves = E.predict(model, inputs)
+            assert all(np.array_equal(predicted[k], waves[k]) for k in predicted)
         loss, norm = E.train_step(model, E.AdamW(model), micro_batches(batch, 0, 1, 1), 1e-3, 1.0, 0)
         results.append((predicted, loss, norm, grads))
     (out1, loss1, norm1, grads1), (out3, loss3, norm3, grads3) = results

@@ -145,8 +145,9 @@ def predict(model, batch):
         waves = [[batch]]
     else:
         B, T = batch["input_ids"].shape
-        rows = max(1, PREDICT_TOKENS // T) if mlx_cpu.FAST else B
-        shards = training.micro_batches(batch, 0, 1, len(STREAMS) * -(-B // (len(STREAMS) * rows)), trim=False)
+        rows = max(1, PREDICT_TOKENS // T) if mlx_cpu.FAST else B  # at most, per shard
+        n = training.round_up(B, len(STREAMS) * rows) // rows  # a multiple of len(STREAMS): full waves
+        shards = training.micro_batches(batch, 0, 1, n, trim=False)
         waves = [shards[i:i + len(STREAMS)] for i in range(0, len(shards), len(STREAMS))]
     outs = []
     for wave in waves:

@@ -19,7 +19,9 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from nanobert.optim_mlx import AdamW, clip_grad_norm  # noqa: E402,F401  (AdamW: the scripts use E.AdamW)
 from nanobert import training  # noqa: E402
-from nanobert.training import launched_world_size, n_items  # noqa: E402
+from nanobert.training import keep_freed_memory, launched_world_size, n_items  # noqa: E402
+
+keep_freed_memory()  # MLX arrays reuse freed heap memory instead of page-faulting in fresh pages
 
 GROUP = None  # the mx.distributed group, once init_distributed() ran under a launcher
 # train_step mx.compiles the loss-and-gradient function: MLX then fuses chains of elementwise

@@ -13,8 +13,8 @@ training step ~3x slower than PyTorch on the 2-core reference machine (README ha
 2. Memory. MLX hands every freed buffer back to malloc, and glibc returns big blocks to
    the OS (mmap/munmap, heap trimming), so each op on a large array page-faults its output
    in anew (x * 2 + 1 on 12.6M floats: 52 ms; 16 ms once blocks are reused).
-   training.keep_freed_memory() keeps freed blocks in the heap for reuse (the torch engine
-   calls it too).
+   training.keep_freed_memory(), which both engines call at import, keeps freed blocks in
+   the heap for reuse.
 3. exp and erf. MLX's CPU backend evaluates transcendental functions one element at a
    time (~18 ns each, vs ~1 ns for torch's vectorised ones), and softmax + GELU then take
    most of a forward pass. Below they are rebuilt from multiplies and adds (range-reduced
@@ -40,7 +40,7 @@ import importlib.util
 import os
 import sys
 
-from nanobert.training import keep_freed_memory, launched_world_size
+from nanobert.training import launched_world_size
 
 OPENBLAS_PATHS = ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
                   "/usr/lib64/libopenblas.so.0", "/usr/lib/libopenblas.so.0")
@@ -65,7 +65,7 @@ def _torch_blas():
 
 
 def _preload():
-    """Fixes 1 and 2; must run before mlx.core is first imported (this module's import does it)."""
+    """Fix 1; must run before mlx.core is first imported (this module's import does it)."""
     global _blas
     if sys.platform != "linux" or os.environ.get("NANOBERT_BLAS", "").lower() == "none":
         return
@@ -98,7 +98,6 @@ def _preload():
         print("nanobert: warning: no fast BLAS found for MLX; its matmuls will be ~40x slower. "
               "Install one with `sudo apt-get install libopenblas0-pthread` (or `pip install torch`), "
               "or point NANOBERT_BLAS at a library exporting sgemm_.", file=sys.stderr)
-    keep_freed_memory()
 
 
 def loaded_blas():

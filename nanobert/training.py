@@ -235,8 +235,9 @@ def keep_freed_memory():
     MB). Measured per step on the reference machine: torch MLM 135k page faults -> 0, 2.59 ->
     2.15 s; MLX classification, trimming only beyond 1 GiB spare: 218k -> 1k, 2.32 -> 1.92 s.
     The price is memory: the heap keeps every block it grew to, holes included (torch, 30
-    SQuAD steps of varying shapes: peak RSS 3.77 -> 4.34 GB). Both engines call this at import; glibc only (elsewhere a no-op).
-    NANOBERT_KEEP_FREED_MEMORY=0 leaves glibc's defaults (lower peak RSS, slower steps)."""
+    SQuAD steps of varying shapes: peak RSS 3.77 -> 4.34 GB). Both engines call this at
+    import; glibc only (elsewhere a no-op). NANOBERT_KEEP_FREED_MEMORY=0 leaves glibc's
+    defaults (lower peak RSS, slower steps)."""
     if sys.platform != "linux" or os.environ.get("NANOBERT_KEEP_FREED_MEMORY") == "0":
         return
     libc = ctypes.CDLL(ctypes.util.find_library("c"))

@@ -17,6 +17,11 @@ forward + backward + AdamW (HF: torch.optim.AdamW, sdpa attention, dense MLM hea
 the sparse MLM head, our AdamW); inference is a no-grad forward. In one process all three
 share the allocator setting nanobert's engines make (training.keep_freed_memory); --alone
 runs each in a fresh process as its users run it, HF with glibc's defaults.
+
+On a CUDA GPU (when torch and MLX see one) the same workloads run in bf16: HF and the torch
+twin under bf16 autocast (fp32 weights and AdamW, engine_torch.autocast), the MLX twin with
+bf16 weights (MLX has no autocast); the GEMM peak is then an 8192^3 bf16 matmul, and instead
+of RSS the table gives each step's GPU memory: its peak above what was allocated before it.
 """
 
 import argparse
@@ -44,6 +49,8 @@ import mlx.core as mx  # noqa: E402  (after nanobert.mlx_cpu)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+CUDA = ET.DEVICE == "cuda"  # torch sees a GPU: bf16 there (the module docstring)
+MLX_GPU = mx.default_device() == mx.gpu
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
@@ -89,11 +96,28 @@ def matmul_flops(head, config, B, T, n_masked, train, dense_head):
     return flops * (3 if train else 1)
 
 
-def gemm_peak(framework, n=2048, repeats=10):
-    """Best GFLOP/s of an n x n fp32 matmul over `repeats` (the peak MFU is measured against)."""
+def sync():
+    """Wait for the GPU's queued work (torch's CUDA calls return before it is done; MLX's
+    steps end in mx.eval and reading back a number, which wait)."""
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def gemm_peak(framework, repeats=10):
+    """Best GFLOP/s of an n x n matmul over `repeats` (the peak MFU is measured against):
+    fp32 2048^3 on a CPU, bf16 8192^3 on a GPU."""
+    gpu = CUDA if framework == "torch" else MLX_GPU
+    n = 8192 if gpu else 2048
     if framework == "torch":
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        run = lambda: a @ b  # noqa: E731
+        dtype = torch.bfloat16 if gpu else torch.float32
+        a, b = torch.randn(n, n, device=ET.DEVICE, dtype=dtype), torch.randn(n, n, device=ET.DEVICE, dtype=dtype)
+
+        def run():
+            a @ b
+            sync()
+    elif gpu:
+        a, b = mx.random.normal((n, n)).astype(mx.bfloat16), mx.random.normal((n, n)).astype(mx.bfloat16)
+        run = lambda: mx.eval(a @ b)  # noqa: E731
     else:  # rows split over the CPU streams, as the MLX twin runs (engine_mlx.STREAMS)
         rows, b = mx.split(mx.random.normal((n, n)), len(EM.STREAMS)), mx.random.normal((n, n))
         mx.eval(rows, b)
@@ -131,8 +155,9 @@ def build(name, compile_twins=False, impls=("hf", "torch", "mlx")):
     hf = getattr(transformers, head)(transformers.BertConfig(**config, attn_implementation="sdpa"))
     tmp = tempfile.mkdtemp()
     hf.save_pretrained(tmp)
+    hf.to(ET.DEVICE)
     batch = make_batch(head, config, B, T, np.random.default_rng(0))
-    hf_batch = {k: torch.from_numpy(v).long() for k, v in batch.items() if k != "masked_positions"}
+    hf_batch = {k: torch.from_numpy(v).long().to(ET.DEVICE) for k, v in batch.items() if k != "masked_positions"}
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     parts = micro_batches(batch, 0, 1, 1)
     steps = {}
@@ -141,21 +166,27 @@ def build(name, compile_twins=False, impls=("hf", "torch", "mlx")):
         hf.train()
 
         def hf_step():
-            hf(**hf_batch).loss.backward()
+            with ET.autocast():  # bf16 on a GPU, as the torch twin (HF's --bf16)
+                loss = hf(**hf_batch).loss
+            loss.backward()
             hf_opt.step()
             hf_opt.zero_grad(set_to_none=True)
         steps["hf"] = hf_step
     elif "hf" in impls:
         hf.eval()
-        hf_inputs = {k: torch.from_numpy(v).long() for k, v in inputs.items()}
+        hf_inputs = {k: torch.from_numpy(v).long().to(ET.DEVICE) for k, v in inputs.items()}
 
         def hf_step():
-            with torch.inference_mode():
-                hf(**hf_inputs)
+            with torch.inference_mode(), ET.autocast():
+                return {k: v.cpu() for k, v in hf(**hf_inputs).items()}  # to the host, as the twins' predict
         steps["hf"] = hf_step
     for impl, M, E in (("torch", MT, ET), ("mlx", MM, EM)):
         if impl in impls:
             twin = getattr(M, head).from_pretrained(tmp)
+            if impl == "torch":
+                ET.prepare(twin)
+            elif MLX_GPU:
+                twin.set_dtype(mx.bfloat16)
             if compile_twins and impl == "torch":
                 E.compile(twin)
             if train:
@@ -168,8 +199,8 @@ def build(name, compile_twins=False, impls=("hf", "torch", "mlx")):
     return steps, flops, B * T
 
 
-def time_workload(name, repeats, warmup, compile_twins=False):
-    steps, flops, tokens = build(name, compile_twins)
+def time_workload(name, repeats, warmup, compile_twins, impls):
+    steps, flops, tokens = build(name, compile_twins, impls)
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -178,8 +209,27 @@ def time_workload(name, repeats, warmup, compile_twins=False):
         for impl, step in steps.items():  # interleaved: machine noise hits all alike
             t = time.perf_counter()
             step()
+            sync()
             times[impl].append(time.perf_counter() - t)
-    return times, flops, tokens
+    gpu_mib = {impl: step_gpu_memory(impl, step) for impl, step in steps.items()} if CUDA else {}
+    return times, flops, tokens, gpu_mib
+
+
+def step_gpu_memory(impl, step):
+    """MiB of GPU memory one more step takes at its peak above what was allocated before it
+    (activations, gradients, temporaries; not the weights and optimizer state it keeps)."""
+    if impl == "mlx":
+        if not MLX_GPU:
+            return None
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        step()
+        return (mx.get_peak_memory() - before) / 2 ** 20
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    sync()
+    return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
 
 
 ALONE = """
@@ -222,6 +272,8 @@ def profile(name, impl, compile_twins, rows=12):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    parser.add_argument("--impls", default="hf,torch,mlx", help="comma-separated, of hf (always timed: the "
+                        "ratios' reference), torch, mlx")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true",
@@ -236,21 +288,29 @@ def main():
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         sys.exit(f"bench.py: error: unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
+    impls = ["hf"] + [i for i in ("torch", "mlx") if i in args.impls.split(",")]
+    if set(args.impls.split(",")) - {"hf", "torch", "mlx"}:
+        sys.exit(f"bench.py: error: unknown implementation(s) in --impls {args.impls}; known: hf, torch, mlx")
     if args.profile:
         for name in names:
             profile(name, args.profile, args.compile)
         return
+    if args.alone and CUDA:
+        sys.exit("bench.py: error: --alone measures CPU processes (RSS); on a GPU the table gives step memory")
     peaks = {"torch": gemm_peak("torch"), "mlx": gemm_peak("mlx")}
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__} " \
+    gpu = f"{torch.cuda.get_device_name()}, bf16 (torch: autocast; MLX: {mx.default_device()}), " if CUDA else ""
+    machine = f"{gpu}{platform.machine()}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__} " \
               f"({torch.get_num_threads()} threads), mlx {mx.__version__} (BLAS: {mlx_cpu.loaded_blas()}{blas_kernels()}, " \
               f"{len(EM.STREAMS)} streams, training step {'compiled' if EM.COMPILE else 'eager'}), " \
               f"transformers {transformers.__version__}"
-    print(f"machine: {machine}\nGEMM peak (2048^3 fp32): torch {peaks['torch']:.0f} GFLOP/s, MLX {peaks['mlx']:.0f} GFLOP/s")
+    print(f"machine: {machine}\nGEMM peak ({'8192^3 bf16' if CUDA else '2048^3 fp32'}): "
+          f"torch {peaks['torch']:.0f} GFLOP/s, MLX {peaks['mlx']:.0f} GFLOP/s")
     print(f"{'workload':10s} {'impl':6s} {'median s':>9s} {'spread s':>15s} {'tokens/s':>9s} {'vs HF':>6s} {'MFU':>5s}"
-          + (f" {'peak RSS MiB':>12s} {'alone s':>8s} {'vs HF':>6s}" if args.alone else ""))
+          + (f" {'peak RSS MiB':>12s} {'alone s':>8s} {'vs HF':>6s}" if args.alone else "")
+          + (f" {'step GPU MiB':>12s}" if CUDA else ""))
     results = []
     for name in names:
-        times, flops, tokens = time_workload(name, args.repeats, args.warmup, args.compile)
+        times, flops, tokens, gpu_mib = time_workload(name, args.repeats, args.warmup, args.compile, impls)
         hf_rate = tokens / statistics.median(times["hf"])
         for impl, ts in times.items():
             med = statistics.median(ts)
@@ -259,6 +319,8 @@ def main():
                    "tokens_per_s": tokens / med, "vs_hf": tokens / med / hf_rate,
                    "mfu": flops[impl] / med / (peak * 1e9),
                    "compiled": {"hf": False, "torch": args.compile, "mlx": EM.COMPILE and WORKLOADS[name][4]}[impl]}
+            if CUDA:
+                row["step_gpu_mib"] = gpu_mib[impl]
             if args.alone:
                 row.update(alone(name, impl, args.compile, args.warmup, args.repeats))
                 if impl == "hf":  # the first of each workload
@@ -267,7 +329,8 @@ def main():
             results.append(row)
             print(f"{name:10s} {impl:6s} {med:9.3f} {row['min_s']:7.3f}-{row['max_s']:<7.3f} {row['tokens_per_s']:9.0f} "
                   f"{row['vs_hf']:6.2f} {100 * row['mfu']:4.0f}%"
-                  + (f" {row['peak_rss_mib']:12.0f} {row['alone_s']:8.3f} {row['alone_vs_hf']:6.2f}" if args.alone else ""),
+                  + (f" {row['peak_rss_mib']:12.0f} {row['alone_s']:8.3f} {row['alone_vs_hf']:6.2f}" if args.alone else "")
+                  + (f" {row['step_gpu_mib'] or 0:12.0f}" if CUDA else ""),
                   flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -35,15 +35,18 @@ class Output(NamedTuple):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout with a cheaper mask. Drawing random numbers is most of dropout's cost on a
-    CPU (bernoulli_, as nn.Dropout draws them, takes twice as long as rand_like), so one 32-bit
-    draw here makes two 15-bit uniform integers (torch's random_() leaves an int32's top bit
-    0). A unit is dropped with probability cut / 32768, within 2^-16 of p (p < 0.99998), and
-    the kept ones are scaled so that the expected output is exactly x, as nn.Dropout's."""
+    """nn.Dropout with a cheaper mask on a CPU. Drawing random numbers is most of dropout's
+    cost there (bernoulli_, as nn.Dropout draws them, takes twice as long as rand_like), so one
+    32-bit draw here makes two 15-bit uniform integers (torch's random_() leaves an int32's top
+    bit 0). A unit is dropped with probability cut / 32768, within 2^-16 of p (p < 0.99998),
+    and the kept ones are scaled so that the expected output is exactly x, as nn.Dropout's.
+    On a GPU, nn.Dropout's fused kernel is one pass over memory, where the ops here are four."""
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
+        if x.is_cuda:
+            return super().forward(x)
         n = x.numel()
         bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()
         u15 = bits.view(torch.int16)[:n].view(x.shape) & 0x7FFF  # uniform on 0 .. 32767
@@ -84,14 +87,16 @@ class BertSelfAttention(nn.Module):
         q, k, v = (proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))
         scale = self.head_dim ** -0.5
-        if self.training and self.dropout.p > 0:
-            # Spelled out when training: SDPA's own attention dropout is the slow bernoulli_ one
-            # (and without dropout SDPA is one fused kernel: softmax(q k^T / sqrt(d) + mask) v).
+        if self.training and self.dropout.p > 0 and not x.is_cuda:
+            # Spelled out when training on a CPU: SDPA's attention dropout there is the slow
+            # bernoulli_ one. Otherwise SDPA: softmax(q k^T / sqrt(d) + mask) v as one fused
+            # kernel, on a GPU with the dropout inside it too (flash / memory-efficient attention).
             scores = (q * scale) @ k.transpose(-2, -1)
             probs = F.softmax(scores if mask is None else scores + mask, dim=-1)
             y = self.dropout(probs) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            p = self.dropout.p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
         return y.transpose(1, 2).reshape(B, T, -1)
 
 

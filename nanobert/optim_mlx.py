@@ -33,11 +33,13 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 def adamw_update(p, g, m, v, decay, step_size, bias_correction2_sqrt, beta1, beta2, eps):
     """One parameter's AdamW update (the formulas above) -> new (p, m, v). The Python floats
     (betas, eps) are constants of the compiled function; what changes each step comes as arrays,
-    so the function is traced once per parameter shape, not once per step."""
-    p = p * decay
-    m = m + (1 - beta1) * (g - m)  # torch's lerp
-    v = beta2 * v + (1 - beta2) * g * g
-    return p - step_size * m / (mx.sqrt(v) / bias_correction2_sqrt + eps), m, v
+    so the function is traced once per parameter shape, not once per step. Each array keeps
+    its dtype (the fp32 step sizes would otherwise promote a bf16 model to fp32)."""
+    new_p = p * decay
+    new_m = m + (1 - beta1) * (g - m)  # torch's lerp
+    new_v = beta2 * v + (1 - beta2) * g * g
+    new_p = new_p - step_size * new_m / (mx.sqrt(new_v) / bias_correction2_sqrt + eps)
+    return new_p.astype(p.dtype), new_m.astype(m.dtype), new_v.astype(v.dtype)
 
 
 class AdamW:

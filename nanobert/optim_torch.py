@@ -94,10 +94,11 @@ class AdamW:
 def clip_grad_norm(model, max_norm):
     """Scale all gradients so their global L2 norm is at most max_norm (0: only measure).
 
-    Returns the norm before clipping, as torch.nn.utils.clip_grad_norm_ does.
+    Returns the norm before clipping (a 0-d tensor, as torch.nn.utils.clip_grad_norm_ does:
+    reading it is the caller's choice, since on a GPU that waits for the queued kernels).
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     if max_norm > 0:
         torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-    return norm.item()
+    return norm

@@ -233,15 +233,10 @@ def step_gpu_memory(impl, step):
 
 
 ALONE = """
-import json, statistics, time
+import json, statistics
 import bench
-steps, _, _ = bench.build({name!r}, {compile_twins}, impls=[{impl!r}])
-times = []
-for i in range({warmup} + {repeats}):
-    t = time.perf_counter()
-    steps[{impl!r}]()
-    times.append(time.perf_counter() - t)
-print(json.dumps({{"peak_rss_mib": bench.peak_rss_mb(), "alone_s": statistics.median(times[{warmup}:])}}))
+times, _, _, _ = bench.time_workload({name!r}, {repeats}, {warmup}, {compile_twins}, [{impl!r}])
+print(json.dumps({{"peak_rss_mib": bench.peak_rss_mb(), "alone_s": statistics.median(times[{impl!r}])}}))
 """
 
 
@@ -288,8 +283,9 @@ def main():
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         sys.exit(f"bench.py: error: unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
-    impls = ["hf"] + [i for i in ("torch", "mlx") if i in args.impls.split(",")]
-    if set(args.impls.split(",")) - {"hf", "torch", "mlx"}:
+    requested = args.impls.split(",")
+    impls = ["hf"] + [i for i in ("torch", "mlx") if i in requested]
+    if set(requested) - {"hf", "torch", "mlx"}:
         sys.exit(f"bench.py: error: unknown implementation(s) in --impls {args.impls}; known: hf, torch, mlx")
     if args.profile:
         for name in names:

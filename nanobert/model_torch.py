@@ -37,21 +37,34 @@ class Output(NamedTuple):
 class Dropout(nn.Dropout):
     """nn.Dropout with a cheaper mask on a CPU. Drawing random numbers is most of dropout's
     cost there (bernoulli_, as nn.Dropout draws them, takes twice as long as rand_like), so one
-    32-bit draw here makes two 15-bit uniform integers (torch's random_() leaves an int32's top
-    bit 0). A unit is dropped with probability cut / 32768, within 2^-16 of p (p < 0.99998),
-    and the kept ones are scaled so that the expected output is exactly x, as nn.Dropout's.
-    On a GPU, nn.Dropout's fused kernel is one pass over memory, where the ops here are four."""
+    64-bit draw here makes four 15-bit uniform integers (torch's random_() leaves an int64's top
+    bit 0; the other three 16-bit quarters lose theirs to a mask). A unit is dropped with probability cut / 32768, within 2^-16 of p (p < 0.99998),
+    and the kept ones are scaled by `scale` so that the expected output is exactly x, as
+    nn.Dropout's. On a GPU, nn.Dropout's fused kernel is one pass over memory, where the ops
+    here (draw, compare, select, scale) are four."""
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
         if x.is_cuda:
             return super().forward(x)
+        return self.zero_some(x) * self.scale
+
+    @property
+    def cut(self):
+        return min(round(self.p * 32768), 32767)
+
+    @property
+    def scale(self):
+        return 32768 / (32768 - self.cut)
+
+    def zero_some(self, x):
+        """x with units dropped but the kept ones not yet scaled (CPU, training): attention
+        scales v instead, a T/head_dim times smaller tensor than the probabilities."""
         n = x.numel()
-        bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
         u15 = bits.view(torch.int16)[:n].view(x.shape) & 0x7FFF  # uniform on 0 .. 32767
-        cut = min(round(self.p * 32768), 32767)
-        return x.masked_fill(u15 < cut, 0.0) * (32768 / (32768 - cut))
+        return torch.where(u15 < self.cut, 0.0, x)  # one pass; masked_fill copies x, then fills
 
 
 class BertEmbeddings(nn.Module):
@@ -93,7 +106,7 @@ class BertSelfAttention(nn.Module):
             # kernel, on a GPU with the dropout inside it too (flash / memory-efficient attention).
             scores = (q * scale) @ k.transpose(-2, -1)
             probs = F.softmax(scores if mask is None else scores + mask, dim=-1)
-            y = self.dropout(probs) @ v
+            y = self.dropout.zero_some(probs) @ (v * self.dropout.scale)  # = dropout(probs) @ v
         else:
             p = self.dropout.p if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)

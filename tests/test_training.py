@@ -309,7 +309,9 @@ def test_logged_loss_is_the_mean_over_the_log_window(tiny_model_dir, tiny_glue_d
     assert sorted(windows) == [3, 6]
     for end in (3, 6):
         assert windows[end] == pytest.approx(np.mean([each[s] for s in range(end - 2, end + 1)]), rel=1e-6)
-        assert windows[end] != pytest.approx(each[end], rel=1e-3)  # the mean, not the last step
+        # the mean, not the last step: near ln 2 at init the two differ by ~1e-4, still 100x
+        # more than the 1e-6 the mean is matched to
+        assert windows[end] != pytest.approx(each[end], rel=1e-5)
 
 
 # --- bad input: one line, non-zero exit -------------------------------------------------------

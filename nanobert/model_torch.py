@@ -37,11 +37,12 @@ class Output(NamedTuple):
 class Dropout(nn.Dropout):
     """nn.Dropout with a cheaper mask on a CPU. Drawing random numbers is most of dropout's
     cost there (bernoulli_, as nn.Dropout draws them, takes twice as long as rand_like), so one
-    64-bit draw here makes four 15-bit uniform integers (torch's random_() leaves an int64's top
-    bit 0; the other three 16-bit quarters lose theirs to a mask). A unit is dropped with probability cut / 32768, within 2^-16 of p (p < 0.99998),
-    and the kept ones are scaled by `scale` so that the expected output is exactly x, as
-    nn.Dropout's. On a GPU, nn.Dropout's fused kernel is one pass over memory, where the ops
-    here (draw, compare, select, scale) are four."""
+    64-bit draw here makes four 15-bit uniform integers (torch's random_() leaves an int64's
+    top bit 0; a mask clears the top bit of the other three 16-bit quarters). A unit is
+    dropped with probability cut / 32768, within 2^-16 of p (p < 0.99998), and the kept ones
+    are scaled by `scale`, so that the expected output is exactly x, as nn.Dropout's. On a
+    GPU, nn.Dropout's fused kernel is one pass over memory, where the ops here are five
+    (draw, mask, compare, select, scale)."""
 
     def forward(self, x):
         if not self.training or self.p == 0:

@@ -49,7 +49,6 @@ def test_the_seed_fixes_the_mask():
     assert masks[0].shape == x.shape
 
 
-
 def test_attention_scales_v_instead_of_the_probabilities():
     """BertSelfAttention's training path on a CPU: zero_some(probs) @ (v * scale) drops the
     same units as dropout(probs) @ v (same seed) and gives the same result."""

@@ -342,7 +342,7 @@ def main():
             print(f"{name:10s} {impl:6s} {med:9.3f} {row['min_s']:7.3f}-{row['max_s']:<7.3f} {row['tokens_per_s']:9.0f} "
                   f"{row['vs_hf']:6.2f} {100 * row['mfu']:4.0f}%"
                   + (f" {row['peak_rss_mib']:12.0f} {row['alone_s']:8.3f} {row['alone_vs_hf']:6.2f}" if args.alone else "")
-                  + (f" {row['step_gpu_mib'] or 0:12.0f}" if CUDA else ""),
+                  + (f" {'-' if row['step_gpu_mib'] is None else round(row['step_gpu_mib']):>12}" if CUDA else ""),
                   flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -54,7 +54,11 @@ def to_backend(backend, batch):
 
 
 def numpy(x):
-    return x.detach().numpy() if isinstance(x, torch.Tensor) else np.array(x)
+    """A torch tensor or MLX array as numpy; bf16 as fp32 (numpy has no bf16)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy() if x.dtype == torch.bfloat16 else x.detach().cpu().numpy()
+    import mlx.core as mx
+    return np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x)
 
 
 def twin_forward_and_grads(backend, model, batch):
@@ -77,7 +81,7 @@ def twin_forward_and_grads(backend, model, batch):
         _, g = nn.value_and_grad(model, loss_fn)(model)
         out = captured["out"]
         mx.eval(g)
-        grads = {k: np.array(v) for k, v in tree_flatten(g)}
+        grads = {k: numpy(v) for k, v in tree_flatten(g)}
     out = out._replace(**{f: ([numpy(h) for h in v] if isinstance(v, list) else numpy(v))
                           for f, v in out._asdict().items() if v is not None})
     return out, grads

@@ -30,6 +30,7 @@ import ctypes.util
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -272,12 +273,20 @@ def alone(name, impl, compile_twins, warmup, repeats):
 def profile(name, impl, compile_twins, rows=12):
     """torch.profiler over 3 steps of `impl` (hf or torch) on `name`: the ops that take the time."""
     steps, _, _ = build(name, compile_twins, impls=[impl])
-    steps[impl]()  # warm-up
+    for _ in range(2):  # warm-up
+        steps[impl]()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    steps[impl]()
+    unprofiled = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             steps[impl]()
+    profiled = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults - unprofiled) / 3
     print(f"--- {name} {impl}: top ops by self CPU time (3 steps)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    # Profiling can cost the heap reuse of training.keep_freed_memory: big tensors then get
+    # fresh pages, and their ops' times include the kernel zeroing them (README, Speed).
+    print(f"minor page faults per step: {unprofiled:,} unprofiled, {profiled:,.0f} profiled")
 
 
 def main():

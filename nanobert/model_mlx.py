@@ -45,13 +45,40 @@ class Output(NamedTuple):
     pooler_output: mx.array | None = None
 
 
-class Dropout(nn.Dropout):
-    """nn.Dropout that also keeps its probability as `p` (as torch's does; MLX's keeps 1 - p,
-    privately): attention reads it to choose its code path."""
+class Dropout(nn.Module):
+    """Dropout with cheaper random bits, as the torch twin's. mx.random.bernoulli draws 32
+    random bits per unit, and MLX's Python API has no raw bits (its randint goes through
+    floats); but mx.random.split(key, n) returns n new keys, each 64 bits of threefry output:
+    four 15-bit uniform integers per key here (a mask clears each 16-bit quarter's top bit),
+    half the hashing of bernoulli. The key itself comes from MLX's global random sequence
+    (mx.random.seed fixes it; mx.compile tracks it as state). A unit is dropped with
+    probability cut / 32768, within 2^-16 of p (p < 0.99998), and the kept ones are scaled
+    by `scale`, so that the expected output is exactly x, as nn.Dropout's."""
 
     def __init__(self, p):
-        super().__init__(p)
+        super().__init__()
         self.p = p
+
+    def __call__(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return self.zero_some(x) * self.scale
+
+    @property
+    def cut(self):
+        return min(round(self.p * 32768), 32767)
+
+    @property
+    def scale(self):
+        return 32768 / (32768 - self.cut)
+
+    def zero_some(self, x):
+        """x with units dropped but the kept ones not yet scaled (training): attention
+        scales v instead, a T/head_dim times smaller array than the probabilities."""
+        n = x.size
+        key = mx.random.randint(0, 1 << 24, (2,), dtype=mx.uint32)  # a fresh key (2 x 24 random bits)
+        bits = mx.random.split(key, (n + 3) // 4).view(mx.uint16).reshape(-1)[:n].reshape(x.shape)
+        return mx.where((bits & 0x7FFF) < self.cut, 0.0, x)  # & 0x7FFF: uniform on 0 .. 32767
 
 
 class BertEmbeddings(nn.Module):
@@ -94,7 +121,9 @@ class BertSelfAttention(nn.Module):
             # Spelled out: mx.fast's fused attention has no dropout, and on Linux CPUs it is slower.
             scores = (q * scale) @ k.transpose(0, 1, 3, 2)
             probs = mlx_cpu.softmax(scores if mask is None else scores + mask)
-            y = self.dropout(probs) @ v
+            if self.training and self.dropout.p > 0:
+                probs, v = self.dropout.zero_some(probs), v * self.dropout.scale  # = dropout(probs) @ v
+            y = probs @ v
         else:
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         return y.transpose(0, 2, 1, 3).reshape(B, T, -1)

@@ -1,63 +1,103 @@
-"""The torch twin's Dropout (nanobert/model_torch.py): its cheaper mask must still drop each
-unit independently with probability p and keep the expected output equal to the input."""
+"""The twins' Dropout (nanobert/model_torch.py, model_mlx.py): their cheaper masks (four
+15-bit integers per 64-bit word of random bits) must still drop each unit independently
+with probability p and keep the expected output equal to the input."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from nanobert.model_torch import Dropout
+import nanobert.model_mlx as MM  # first: MLX's BLAS fix (nanobert/mlx_cpu.py)
+import nanobert.model_torch as MT
+
+import mlx.core as mx  # noqa: E402
+
+BACKENDS = ["torch", "mlx"]
 
 
+def seed(backend, s):
+    torch.manual_seed(s) if backend == "torch" else mx.random.seed(s)
+
+
+def dropout(backend, p):
+    return (MT if backend == "torch" else MM).Dropout(p).train()
+
+
+def array(backend, x):
+    return torch.from_numpy(x) if backend == "torch" else mx.array(x)
+
+
+def numpy(y):
+    return y.detach().numpy() if isinstance(y, torch.Tensor) else np.array(y)
+
+
+def output_and_grad(backend, drop, x):
+    """(dropout(x), d sum(dropout(x)) / dx) as numpy, with the same mask for both."""
+    if backend == "torch":
+        x = torch.from_numpy(x).requires_grad_()
+        y = drop(x)
+        y.sum().backward()
+        return numpy(y), numpy(x.grad)
+    seed(backend, 7)
+    y = drop(mx.array(x))
+    seed(backend, 7)
+    return numpy(y), numpy(mx.grad(lambda a: drop(a).sum())(mx.array(x)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_drops_units_independently_with_probability_p_and_is_unbiased(p):
-    torch.manual_seed(0)
-    n = 1_000_003  # the last 64-bit draw is used for three units only
-    x = torch.ones(n, requires_grad=True)
-    drop = Dropout(p).train()
-    y = drop(x)
+def test_drops_units_independently_with_probability_p_and_is_unbiased(backend, p):
+    seed(backend, 0)
+    n = 1_000_003  # the last 64-bit word is used for three units only
+    drop = dropout(backend, p)
+    y, grad = output_and_grad(backend, drop, np.ones(n, np.float32))
     dropped = y == 0
     sigma = math.sqrt(p * (1 - p) / n)
-    assert abs(dropped.float().mean().item() - p) < 5 * sigma
-    # the four 15-bit quarters of each 64-bit draw are uniform and independent of each other
-    quarters = dropped[: n - n % 4].view(-1, 4)
+    assert abs(dropped.mean() - p) < 5 * sigma
+    # the four 15-bit quarters of each 64-bit word are uniform and independent of each other
+    quarters = dropped[: n - n % 4].reshape(-1, 4)
     for i in range(4):
-        assert abs(quarters[:, i].float().mean().item() - p) < 8 * sigma
+        assert abs(quarters[:, i].mean() - p) < 8 * sigma
         for j in range(i):
-            assert abs((quarters[:, i] & quarters[:, j]).float().mean().item() - p * p) < 8 * sigma
-    scale = y[~dropped].unique()
-    assert scale.numel() == 1
-    assert abs(scale.item() * (1 - round(p * 32768) / 32768) - 1) < 1e-6  # E[y] = x exactly
-    y.sum().backward()
-    assert torch.equal(x.grad, y.detach())  # d y / d x: the same mask and scale
+            assert abs((quarters[:, i] & quarters[:, j]).mean() - p * p) < 8 * sigma
+    scale = np.unique(y[~dropped])
+    assert scale.size == 1 and scale[0] == np.float32(drop.scale)
+    assert abs(scale[0] * (1 - round(p * 32768) / 32768) - 1) < 1e-6  # E[y] = x exactly
+    np.testing.assert_array_equal(grad, y)  # d y / d x: the same mask and scale
 
 
-def test_identity_in_eval_mode_or_at_p_zero():
-    x = torch.randn(3, 5)
-    assert Dropout(0.1).eval()(x) is x
-    assert Dropout(0.0).train()(x) is x
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_identity_in_eval_mode_or_at_p_zero(backend):
+    x = array(backend, np.random.default_rng(0).standard_normal((3, 5), np.float32))
+    assert dropout(backend, 0.1).eval()(x) is x
+    assert dropout(backend, 0.0)(x) is x
 
 
-def test_the_seed_fixes_the_mask():
-    x = torch.ones(4, 7, 9)
-    drop = Dropout(0.3).train()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_seed_fixes_the_mask(backend):
+    x = array(backend, np.ones((4, 7, 9), np.float32))
+    drop = dropout(backend, 0.3)
     masks = []
-    for seed in (1, 1, 2):
-        torch.manual_seed(seed)
-        masks.append(drop(x) == 0)
-    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
-    assert masks[0].shape == x.shape
+    for s in (1, 1, 2):
+        seed(backend, s)
+        masks.append(numpy(drop(x)) == 0)
+    assert np.array_equal(masks[0], masks[1]) and not np.array_equal(masks[0], masks[2])
+    assert masks[0].shape == (4, 7, 9)
 
 
-def test_attention_scales_v_instead_of_the_probabilities():
-    """BertSelfAttention's training path on a CPU: zero_some(probs) @ (v * scale) drops the
-    same units as dropout(probs) @ v (same seed) and gives the same result."""
-    torch.manual_seed(0)
-    probs, v = torch.rand(2, 3, 16, 16).softmax(-1), torch.randn(2, 3, 16, 8)
-    drop = Dropout(0.2).train()
-    torch.manual_seed(5)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_scales_v_instead_of_the_probabilities(backend):
+    """BertSelfAttention's training path: zero_some(probs) @ (v * scale) drops the same units
+    as dropout(probs) @ v (same seed) and gives the same result."""
+    rng = np.random.default_rng(0)
+    probs = rng.random((2, 3, 16, 16), np.float32)
+    probs = array(backend, probs / probs.sum(-1, keepdims=True))
+    v = array(backend, rng.standard_normal((2, 3, 16, 8), np.float32))
+    drop = dropout(backend, 0.2)
+    seed(backend, 5)
     dropped = drop(probs)
-    torch.manual_seed(5)
+    seed(backend, 5)
     zeroed = drop.zero_some(probs)
-    assert torch.equal(zeroed == 0, dropped == 0) and (zeroed == 0).any()
-    torch.testing.assert_close(zeroed @ (v * drop.scale), dropped @ v, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(numpy(zeroed) == 0, numpy(dropped) == 0) and (numpy(zeroed) == 0).any()
+    np.testing.assert_allclose(numpy(zeroed @ (v * drop.scale)), numpy(dropped @ v), rtol=1e-5, atol=1e-6)

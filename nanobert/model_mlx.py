@@ -76,9 +76,10 @@ class Dropout(nn.Module):
         """x with units dropped but the kept ones not yet scaled (training): attention
         scales v instead, a T/head_dim times smaller array than the probabilities."""
         n = x.size
-        key = mx.random.randint(0, 1 << 24, (2,), dtype=mx.uint32)  # a fresh key (2 x 24 random bits)
-        bits = mx.random.split(key, (n + 3) // 4).view(mx.uint16).reshape(-1)[:n].reshape(x.shape)
-        return mx.where((bits & 0x7FFF) < self.cut, 0.0, x)  # & 0x7FFF: uniform on 0 .. 32767
+        key = mx.random.randint(0, 1 << 24, (2,), dtype=mx.uint32)  # a fresh key from the global sequence
+        bits = mx.random.split(key, (n + 3) // 4)  # (n/4, 2) uint32: 64 random bits per row
+        u15 = bits.view(mx.uint16).reshape(-1)[:n].reshape(x.shape) & 0x7FFF  # uniform on 0 .. 32767
+        return mx.where(u15 < self.cut, 0.0, x)
 
 
 class BertEmbeddings(nn.Module):

@@ -71,4 +71,3 @@ def test_mlx_twin_in_bf16_trains_and_predicts_in_bf16(monkeypatch):
     assert np.allclose(losses16, losses32, rtol=3e-2)
     assert out16["start_logits"].dtype == np.float32
     assert rel_err(out16["start_logits"], out32["start_logits"]) < 5e-2
-

@@ -118,12 +118,21 @@ class BertSelfAttention(nn.Module):
         q, k, v = (proj(x).reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
                    for proj in (self.query, self.key, self.value))
         scale = self.head_dim ** -0.5
-        if (self.training and self.dropout.p > 0) or mlx_cpu.FAST:
-            # Spelled out: mx.fast's fused attention has no dropout, and on Linux CPUs it is slower.
-            scores = (q * scale) @ k.transpose(0, 1, 3, 2)
-            probs = mlx_cpu.softmax(scores if mask is None else scores + mask)
+        if mlx_cpu.FAST:
+            # Linux CPU: spelled out (mx.fast's fused attention is slower there), keys first:
+            # scores (B, heads, T keys, T queries), softmax over axis -2, because MLX's CPU
+            # reductions (the softmax's max and sum) vectorise over a middle axis, not the last.
+            scores = k @ (q * scale).transpose(0, 1, 3, 2)
+            probs = mlx_cpu.softmax(scores if mask is None else scores + mask.transpose(0, 1, 3, 2), axis=-2)
             if self.training and self.dropout.p > 0:
                 probs, v = self.dropout.zero_some(probs), v * self.dropout.scale  # = dropout(probs) @ v
+            y = v.transpose(0, 1, 3, 2) @ probs  # (B, heads, head_dim, T): probs' gradient, v @ dy, keys first too
+            return y.transpose(0, 3, 1, 2).reshape(B, T, -1)
+        elif self.training and self.dropout.p > 0:
+            # Spelled out: mx.fast's fused attention has no dropout.
+            scores = (q * scale) @ k.transpose(0, 1, 3, 2)
+            probs = mlx_cpu.softmax(scores if mask is None else scores + mask)
+            probs, v = self.dropout.zero_some(probs), v * self.dropout.scale  # = dropout(probs) @ v
             y = probs @ v
         else:
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

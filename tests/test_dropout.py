@@ -101,3 +101,28 @@ def test_attention_scales_v_instead_of_the_probabilities(backend):
     zeroed = drop.zero_some(probs)
     assert np.array_equal(numpy(zeroed) == 0, numpy(dropped) == 0) and (numpy(zeroed) == 0).any()
     np.testing.assert_allclose(numpy(zeroed @ (v * drop.scale)), numpy(dropped @ v), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_mlx_attention_keys_first_equals_the_other_layout(monkeypatch, training):
+    """On a Linux CPU the MLX twin lays attention scores out keys first, (B, heads, T keys,
+    T queries); elsewhere queries first (eval: mx.fast's fused attention). Both give the same
+    output, eval and training; training with attention dropout through a fixed mask that is
+    symmetric in (query, key), so both layouts drop the same pairs."""
+    from tiny import tiny_config
+    from nanobert import mlx_cpu
+    config = tiny_config(attention_probs_dropout_prob=0.25)
+    attention = MM.BertSelfAttention(config).train(training)
+    mx.eval(attention.parameters())
+    rng = np.random.default_rng(0)
+    B, T = 2, 9
+    x = mx.array(rng.standard_normal((B, T, config.hidden_size), np.float32))
+    mask = mx.array(np.where(np.arange(T) < [[7], [9]], 0.0, np.finfo(np.float32).min)[:, None, None, :].astype(np.float32))
+    keep = rng.random((T, T)) < 0.75
+    keep = mx.array(keep & keep.T)
+    monkeypatch.setattr(MM.Dropout, "zero_some", lambda self, p: mx.where(keep, p, 0.0))
+    outputs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(mlx_cpu, "FAST", fast)
+        outputs[fast] = np.array(attention(x, mask))
+    np.testing.assert_allclose(outputs[True], outputs[False], rtol=1e-5, atol=1e-5)

@@ -18,12 +18,13 @@ training step ~3x slower than PyTorch on the 2-core reference machine (README ha
 3. exp and erf. MLX's CPU backend evaluates transcendental functions one element at a
    time (~18 ns each, vs ~1 ns for torch's vectorised ones), and softmax + GELU then take
    most of a forward pass. Below they are rebuilt from multiplies and adds (range-reduced
-   polynomial exp, Numerical Recipes' erfc), with their exact derivatives as custom
-   gradients. `mx.compile` fuses them into a few kernels, C++ that MLX writes and builds
-   with g++ at run time; g++ vectorises a kernel's loop only if it holds no bool (no
-   comparison, no `where`) and reads no broadcast input (MLX then takes its strided path),
-   so the functions are written to avoid both: 2-3x faster than a straightforward
-   spelling (`_cut`). Accuracy: ~3e-7 relative, a few fp32 ulps (tests/test_mlx_cpu.py).
+   polynomial exp, a rational erf), with their exact derivatives as custom gradients.
+   `mx.compile` fuses them into a few kernels, C++ that MLX writes and builds with g++ at
+   run time; g++ vectorises a kernel's loop only if it holds no bool (no comparison, no
+   `where`, no max/min: MLX's check for NaN) and reads no broadcast input (MLX then takes
+   its strided path), so the functions are written to avoid both, and memory passes
+   between kernels are few (`_cut`, `_exp`). Accuracy: exp ~3e-7 relative, GELU as torch's
+   own fp32 GELU (tests/test_mlx_cpu.py).
 4. Threads. MLX's CPU backend runs each op on a single thread: the thread of its stream.
    MLX's answer to CPU parallelism is streams, so engine_mlx splits each batch's rows over
    CPU_STREAMS streams, one per core (per process under a launcher), and everything
@@ -118,7 +119,7 @@ if CPU_STREAMS > 1 and _blas and hasattr(ctypes.CDLL(_blas), "openblas_set_num_t
     ctypes.CDLL(_blas).openblas_set_num_threads(1)  # the streams are the threads now
 STREAMS = [mx.default_stream(mx.default_device())] + [mx.new_stream(mx.cpu) for _ in range(CPU_STREAMS - 1)]
 LOG2E, LN2_HI, LN2_LO = 1.4426950408889634, 0.693359375, -2.12194440e-4  # ln 2 = HI + LO, HI exact in fp32
-SQRT_HALF, INV_SQRT_2PI = 0.7071067811865476, 0.3989422804014327
+INV_SQRT_2PI = 0.3989422804014327
 
 
 def _cut(x):
@@ -161,31 +162,43 @@ def _exp(x):
     return p * mx.view(bits, mx.float32)
 
 
-ERFC_COEFFS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
-               0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+# erf(x / sqrt2) = x P(x^2) / Q(x^2) for |x| <= 4 sqrt2 (beyond, erf is +-1 in fp32): a
+# degree-5/5 rational, fitted for absolute error (Sanathanan-Koerner, then Lawson's iteration,
+# on 4,000 Chebyshev nodes; max 2.1e-8 in float64, checked in tests/test_mlx_cpu.py). All
+# coefficients are positive: no cancellation in fp32.
+ERF_P = (0.797884425955617, 0.06938473511414162, 0.00945182097838671,
+         0.0003538784719081841, 1.272980349198774e-05, 4.363797820317039e-08)
+ERF_Q = (1.0, 0.25362644864814626, 0.029119179005151312,
+         0.001930560477557299, 7.602303635740747e-05, 1.1712786954481275e-06)
+ERF_X = 4 * 2 ** 0.5
 
 
-def _erfc(z):
-    """erfc(z) for z >= 0 (Numerical Recipes' erfcc, relative error < 1.2e-7; its degree-9
-    polynomial in Estrin's form)."""
-    t = _cut(1.0 / (1.0 + 0.5 * z))
-    t2 = t * t
-    t4 = t2 * t2
-    c01, c23, c45, c67, c89 = (ERFC_COEFFS[i] + t * ERFC_COEFFS[i + 1] for i in range(0, 10, 2))
-    poly = (c01 + t2 * c23) + t4 * ((c45 + t2 * c67) + t4 * c89)
-    return t * _exp(poly - z * z)
-
-
-def _phi_tail(x):
-    """erfc(|x| / sqrt2) = 2 Phi(-|x|): twice the normal tail beyond |x|."""
-    return _cut(_erfc(mx.abs(x) * SQRT_HALF))
+def _erf_parts(x):
+    """(xc, R) with erf(x / sqrt2) = xc R: x clamped to +-ERF_X, written out (`_cut`: a kernel
+    holding max/min stays scalar), and the rational's ratio (Estrin's form), which the caller
+    multiplies in, so the chain stays within MLX's 11 ops of fusion depth."""
+    xc = _cut(mx.minimum(mx.maximum(x, -ERF_X), ERF_X))
+    w = xc * xc
+    w2 = w * w
+    w4 = w2 * w2
+    P, Q = (((c[0] + c[1] * w) + w2 * (c[2] + c[3] * w)) + w4 * (c[4] + c[5] * w) for c in (ERF_P, ERF_Q))
+    return xc, P / Q
 
 
 @mx.compile
 def _gelu(x):
-    # GELU(x) = x Phi(x), Phi(x) = 1 - e/2 for x >= 0 and e/2 below (e = erfc(|x|/sqrt2): no
-    # cancellation in the tails), i.e. max(x, 0) - |x| e/2, without a `where`.
-    return mx.maximum(x, 0.0) - 0.5 * mx.abs(x) * _phi_tail(x)
+    # GELU(x) = x Phi(x) = x/2 + (x/2) erf(x / sqrt2), as torch computes it.
+    h = 0.5 * x
+    xc, R = _erf_parts(x)
+    return h + (h * xc) * R
+
+
+@mx.compile
+def _gelu_grad(x, cotangent):
+    # d/dx x Phi(x) = Phi(x) + x phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi) (written out first).
+    e = _cut(_exp(-0.5 * x * x))
+    xc, R = _erf_parts(x)
+    return cotangent * (0.5 + x * INV_SQRT_2PI * e) + (cotangent * (0.5 * xc)) * R
 
 
 @mx.custom_function
@@ -195,11 +208,7 @@ def _fast_gelu(x):
 
 @_fast_gelu.vjp
 def _fast_gelu_vjp(x, cotangent, y):
-    # d/dx x Phi(x) = Phi(x) + x phi(x); Phi(x) = e/2 + (1 - e) step(x), step(0) = 1/2.
-    e = _phi_tail(x)
-    phi_cdf = 0.5 * e + (1.0 - e) * (0.5 + 0.5 * mx.sign(x))
-    # exp written out first: inside this product its last kernel's chain would pass the 11.
-    return (cotangent * (phi_cdf + x * INV_SQRT_2PI * _cut(_exp(-0.5 * x * x))),)
+    return (_gelu_grad(x, cotangent),)
 
 
 @mx.compile

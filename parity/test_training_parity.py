@@ -160,7 +160,7 @@ def test_ten_steps_of_training_match_hf(backend, tmp_path):
     np.testing.assert_allclose(norms, ref_norms, rtol=0, atol=tol, err_msg=f"{backend} grad norms")
     assert ref_norms.min() > grad_clip
     # The weights do move, far beyond the tolerance: a wrong update would show in the losses.
-    assert ref_losses[0] - ref_losses[-1] > 1000 * tol
+    assert ref_losses[0] - ref_losses[-1] > 500 * tol
 
 
 # --- gradient clipping ----------------------------------------------------------------------------

@@ -149,7 +149,8 @@ def _exp(x):
     whose result feeds two kernels is written out. So: (1) the clamp, with whatever computed
     x, written out (`_cut`); (2) 2^k's bits, an int32 array that `view` then reads as float;
     (3) r and the polynomial, with k read back from those bits, times 2^k: it reads t and
-    the bits and writes the result: 7 passes over memory in all (a plainer spelling: 5 kernels, 12)."""
+    the bits and writes the result. 7 passes over memory in all; a plainer spelling made 12,
+    in 5 kernels."""
     t = _cut(mx.maximum(x, -88.0))
     bits = (((t * LOG2E + ROUND) - ROUND).astype(mx.int32) + 127) << 23  # k + 127 >= 0 as t >= -88
     a = bits.astype(mx.float32)  # (k + 127) 2^23, exactly
@@ -180,7 +181,8 @@ def _erf_parts(x, backward=False):
     spells the clamp in the other order: mx.compile compiles forward and backward as one
     graph and would merge two identical clamps, keeping the forward's arrays alive until the
     backward pass (+266 MiB in the classification step)."""
-    xc = _cut(mx.maximum(mx.minimum(x, ERF_X), -ERF_X) if backward else mx.minimum(mx.maximum(x, -ERF_X), ERF_X))
+    clamped = mx.maximum(mx.minimum(x, ERF_X), -ERF_X) if backward else mx.minimum(mx.maximum(x, -ERF_X), ERF_X)
+    xc = _cut(clamped)
     w = xc * xc
     w2 = w * w
     w4 = w2 * w2

@@ -126,7 +126,8 @@ class BertSelfAttention(nn.Module):
             probs = mlx_cpu.softmax(scores if mask is None else scores + mask.transpose(0, 1, 3, 2), axis=-2)
             if self.training and self.dropout.p > 0:
                 probs, v = self.dropout.zero_some(probs), v * self.dropout.scale  # = dropout(probs) @ v
-            y = v.transpose(0, 1, 3, 2) @ probs  # (B, heads, head_dim, T): probs' gradient, v @ dy, keys first too
+            # v^T @ probs, (B, heads, head_dim, T): probs' gradient, v @ dy, is keys first too.
+            y = v.transpose(0, 1, 3, 2) @ probs
             return y.transpose(0, 3, 1, 2).reshape(B, T, -1)
         elif self.training and self.dropout.p > 0:
             # Spelled out: mx.fast's fused attention has no dropout.

@@ -117,7 +117,9 @@ def test_mlx_attention_keys_first_equals_the_other_layout(monkeypatch, training)
     rng = np.random.default_rng(0)
     B, T = 2, 9
     x = mx.array(rng.standard_normal((B, T, config.hidden_size), np.float32))
-    mask = mx.array(np.where(np.arange(T) < [[7], [9]], 0.0, np.finfo(np.float32).min)[:, None, None, :].astype(np.float32))
+    lengths = np.array([[7], [9]])  # row 0 padded
+    mask = np.where(np.arange(T) < lengths, 0.0, np.finfo(np.float32).min).astype(np.float32)
+    mask = mx.array(mask[:, None, None, :])
     keep = rng.random((T, T)) < 0.75
     keep = mx.array(keep & keep.T)
     monkeypatch.setattr(MM.Dropout, "zero_some", lambda self, p: mx.where(keep, p, 0.0))

@@ -122,12 +122,19 @@ class BertSelfAttention(nn.Module):
             # Linux CPU: spelled out (mx.fast's fused attention is slower there), keys first:
             # scores (B, heads, T keys, T queries), softmax over axis -2, because MLX's CPU
             # reductions (the softmax's max and sum) vectorise over a middle axis, not the last.
+            # The weighted sum is v^T @ probs, (B, heads, head_dim, T): probs' gradient, v @ dy,
+            # is keys first too.
             scores = k @ (q * scale).transpose(0, 1, 3, 2)
-            probs = mlx_cpu.softmax(scores if mask is None else scores + mask.transpose(0, 1, 3, 2), axis=-2)
-            if self.training and self.dropout.p > 0:
-                probs, v = self.dropout.zero_some(probs), v * self.dropout.scale  # = dropout(probs) @ v
-            # v^T @ probs, (B, heads, head_dim, T): probs' gradient, v @ dy, is keys first too.
-            y = v.transpose(0, 1, 3, 2) @ probs
+            scores = scores if mask is None else scores + mask.transpose(0, 1, 3, 2)
+            vt = v.transpose(0, 1, 3, 2)
+            if self.training:
+                probs = mlx_cpu.softmax(scores, axis=-2)
+                if self.dropout.p > 0:
+                    probs, vt = self.dropout.zero_some(probs), vt * self.dropout.scale  # = dropout(probs) @ v
+                y = vt @ probs
+            else:  # the softmax's division after the weighted sum: on head_dim x T values, not T x T
+                e, total = mlx_cpu.softmax_parts(scores, axis=-2)
+                y = (vt @ e) / total
             return y.transpose(0, 3, 1, 2).reshape(B, T, -1)
         elif self.training and self.dropout.p > 0:
             # Spelled out: mx.fast's fused attention has no dropout.

@@ -107,11 +107,12 @@ def test_erf_rational_is_accurate():
         assert np.abs(np.array(xc * ratio) - truth).max() < 4e-7
 
 
-@pytest.mark.parametrize("name", ["gelu", "softmax", "softmax_keys_first", "logsumexp"])
+@pytest.mark.parametrize("name", ["gelu", "softmax", "softmax_keys_first", "softmax_parts", "logsumexp"])
 def test_fast_functions_match_float64(name):
     """Within a few fp32 ulps of the float64 truth, values and gradients, over the range that
     matters: GELU on [-12, 12] (both tails), softmax with masked (dtype-min) entries, over the
-    last axis and over axis -2 (the attention's keys-first layout), logsumexp of large logits."""
+    last axis, over axis -2 (the attention's keys-first layout) and as softmax_parts divided
+    by the caller (the attention in eval mode), logsumexp of large logits."""
     from nanobert import mlx_cpu
     rng = np.random.default_rng(0)
     f, slack = getattr(mlx_cpu, name.split("_")[0]), 0.0
@@ -125,6 +126,8 @@ def test_fast_functions_match_float64(name):
         if name == "softmax_keys_first":
             x = np.ascontiguousarray(x.swapaxes(-1, -2))
             f, ref = (lambda v: mlx_cpu.softmax(v, axis=-2)), (lambda t: torch.softmax(t, -2))  # noqa: E731
+        if name == "softmax_parts":  # divided by the caller: e / total
+            f = lambda v: (lambda e, total: e / total)(*mlx_cpu.softmax_parts(v, -1))  # noqa: E731
     else:
         x = (rng.standard_normal((7, 3000)) * 20).astype(np.float32)
         ref = lambda t: torch.logsumexp(t, -1)  # noqa: E731
@@ -137,7 +140,7 @@ def test_fast_functions_match_float64(name):
     assert np.abs((value - ref_value) / scale).max() < 2e-6
     assert np.abs(grad - ref_grad).max() < (2e-6 + slack) * max(1.0, np.abs(ref_grad).max())
     if name.startswith("softmax"):
-        masked = value[..., :9] if name == "softmax" else value[..., :9, :]
+        masked = value[..., :9, :] if name == "softmax_keys_first" else value[..., :9]
         assert (masked == 0).all()  # masked positions get exactly zero weight, as in HF
 
 

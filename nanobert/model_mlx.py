@@ -140,8 +140,7 @@ class BertSelfAttention(nn.Module):
             # Spelled out: mx.fast's fused attention has no dropout.
             scores = (q * scale) @ k.transpose(0, 1, 3, 2)
             probs = mlx_cpu.softmax(scores if mask is None else scores + mask)
-            probs, v = self.dropout.zero_some(probs), v * self.dropout.scale  # = dropout(probs) @ v
-            y = probs @ v
+            y = self.dropout.zero_some(probs) @ (v * self.dropout.scale)  # = dropout(probs) @ v
         else:
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         return y.transpose(0, 2, 1, 3).reshape(B, T, -1)

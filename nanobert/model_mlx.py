@@ -49,10 +49,10 @@ class Dropout(nn.Module):
     """Dropout with cheaper random bits, as the torch twin's. mx.random.bernoulli draws 32
     random bits per unit, and MLX's Python API has no raw bits (its randint goes through
     floats); but mx.random.split(key, n) returns n new keys, each 64 bits of threefry output:
-    four 15-bit uniform integers per key here (a mask clears each 16-bit quarter's top bit),
-    half the hashing of bernoulli. The key itself comes from MLX's global random sequence
-    (mx.random.seed fixes it; mx.compile tracks it as state). A unit is dropped with
-    probability cut / 32768, within 2^-16 of p (p < 0.99998), and the kept ones are scaled
+    four 16-bit uniform integers per key here, half the hashing of bernoulli. The key itself
+    comes from MLX's global random sequence (mx.random.seed fixes it; mx.compile tracks it as
+    state). A unit is dropped when its integer is among the lowest `cut` of the 65536, with
+    probability cut / 65536, within 2^-17 of p (p < 0.99999), and the kept ones are scaled
     by `scale`, so that the expected output is exactly x, as nn.Dropout's."""
 
     def __init__(self, p):
@@ -66,11 +66,11 @@ class Dropout(nn.Module):
 
     @property
     def cut(self):
-        return min(round(self.p * 32768), 32767)
+        return min(round(self.p * 65536), 65535)
 
     @property
     def scale(self):
-        return 32768 / (32768 - self.cut)
+        return 65536 / (65536 - self.cut)
 
     def zero_some(self, x):
         """x with units dropped but the kept ones not yet scaled (training): attention
@@ -78,8 +78,8 @@ class Dropout(nn.Module):
         n = x.size
         key = mx.random.randint(0, 1 << 24, (2,), dtype=mx.uint32)  # a fresh key from the global sequence
         bits = mx.random.split(key, (n + 3) // 4)  # (n/4, 2) uint32: 64 random bits per row
-        u15 = bits.view(mx.uint16).reshape(-1)[:n].reshape(x.shape) & 0x7FFF  # uniform on 0 .. 32767
-        return mx.where(u15 < self.cut, 0.0, x)
+        u16 = bits.view(mx.int16).reshape(-1)[:n].reshape(x.shape)  # uniform on -32768 .. 32767
+        return mx.where(u16 < self.cut - 32768, 0.0, x)
 
 
 class BertEmbeddings(nn.Module):

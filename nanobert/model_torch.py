@@ -37,12 +37,11 @@ class Output(NamedTuple):
 class Dropout(nn.Dropout):
     """nn.Dropout with a cheaper mask on a CPU. Drawing random numbers is most of dropout's
     cost there (bernoulli_, as nn.Dropout draws them, takes twice as long as rand_like), so one
-    64-bit draw here makes four 15-bit uniform integers (torch's random_() leaves an int64's
-    top bit 0; a mask clears the top bit of the other three 16-bit quarters). A unit is
-    dropped with probability cut / 32768, within 2^-16 of p (p < 0.99998), and the kept ones
-    are scaled by `scale`, so that the expected output is exactly x, as nn.Dropout's. On a
-    GPU, nn.Dropout's fused kernel is one pass over memory, where the ops here are five
-    (draw, mask, compare, select, scale)."""
+    64-bit draw here makes four 16-bit uniform integers. A unit is dropped when its integer
+    is among the lowest `cut` of the 65536, with probability cut / 65536, within 2^-17 of p
+    (p < 0.99999), and the kept ones are scaled by `scale`, so that the expected output is
+    exactly x, as nn.Dropout's. On a GPU, nn.Dropout's fused kernel is one pass over memory,
+    where the ops here are four (draw, compare, multiply, scale)."""
 
     def forward(self, x):
         if not self.training or self.p == 0:
@@ -53,19 +52,22 @@ class Dropout(nn.Dropout):
 
     @property
     def cut(self):
-        return min(round(self.p * 32768), 32767)
+        return min(round(self.p * 65536), 65535)
 
     @property
     def scale(self):
-        return 32768 / (32768 - self.cut)
+        return 65536 / (65536 - self.cut)
 
     def zero_some(self, x):
         """x with units dropped but the kept ones not yet scaled (CPU, training): attention
         scales v instead, a T/head_dim times smaller tensor than the probabilities."""
         n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
-        u15 = bits.view(torch.int16)[:n].view(x.shape) & 0x7FFF  # uniform on 0 .. 32767
-        return torch.where(u15 < self.cut, 0.0, x)  # one pass; masked_fill copies x, then fills
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
+        bits.random_(torch.iinfo(torch.int64).min, None)  # all 64 bits (random_() leaves the top one 0)
+        u16 = bits.view(torch.int16)[:n].view(x.shape)  # uniform on -32768 .. 32767
+        # Kept units times 1, dropped times 0: a multiply by the mask as bytes is one vectorised
+        # pass (6.3M values: 2.4 ms; torch.where 3.9, times the bool mask 3.0, masked_fill 5.3).
+        return x * (u16 >= self.cut - 32768).view(torch.uint8)
 
 
 class BertEmbeddings(nn.Module):

@@ -1,5 +1,5 @@
 """The twins' Dropout (nanobert/model_torch.py, model_mlx.py): their cheaper masks (four
-15-bit integers per 64-bit word of random bits) must still drop each unit independently
+16-bit integers per 64-bit word of random bits) must still drop each unit independently
 with probability p and keep the expected output equal to the input."""
 
 import math
@@ -55,7 +55,7 @@ def test_drops_units_independently_with_probability_p_and_is_unbiased(backend, p
     dropped = y == 0
     sigma = math.sqrt(p * (1 - p) / n)
     assert abs(dropped.mean() - p) < 5 * sigma
-    # the four 15-bit quarters of each 64-bit word are uniform and independent of each other
+    # the four 16-bit quarters of each 64-bit word are uniform and independent of each other
     quarters = dropped[: n - n % 4].reshape(-1, 4)
     for i in range(4):
         assert abs(quarters[:, i].mean() - p) < 8 * sigma
@@ -63,7 +63,7 @@ def test_drops_units_independently_with_probability_p_and_is_unbiased(backend, p
             assert abs((quarters[:, i] & quarters[:, j]).mean() - p * p) < 8 * sigma
     scale = np.unique(y[~dropped])
     assert scale.size == 1 and scale[0] == np.float32(drop.scale)
-    assert abs(scale[0] * (1 - round(p * 32768) / 32768) - 1) < 1e-6  # E[y] = x exactly
+    assert abs(scale[0] * (1 - round(p * 65536) / 65536) - 1) < 1e-6  # E[y] = x exactly
     np.testing.assert_array_equal(grad, y)  # d y / d x: the same mask and scale
 
 

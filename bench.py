@@ -155,8 +155,10 @@ def build(name, compile_twins=False, impls=("hf", "torch", "mlx")):
     head, config, B, T, train = WORKLOADS[name]
     torch.manual_seed(0)
     hf = getattr(transformers, head)(transformers.BertConfig(**config, attn_implementation="sdpa"))
-    tmp = tempfile.mkdtemp()
-    hf.save_pretrained(tmp)
+    with tempfile.TemporaryDirectory() as tmp:  # the one weight format, read back by each twin
+        hf.save_pretrained(tmp)
+        twins = {impl: getattr(M, head).from_pretrained(tmp)
+                 for impl, M in (("torch", MT), ("mlx", MM)) if impl in impls}
     hf.to(ET.DEVICE)
     batch = make_batch(head, config, B, T, np.random.default_rng(0))
     hf_batch = {k: torch.from_numpy(v).long().to(ET.DEVICE) for k, v in batch.items() if k != "masked_positions"}
@@ -182,9 +184,9 @@ def build(name, compile_twins=False, impls=("hf", "torch", "mlx")):
             with torch.inference_mode(), ET.autocast():
                 return {k: v.cpu() for k, v in hf(**hf_inputs).items()}  # to the host, as the twins' predict
         steps["hf"] = hf_step
-    for impl, M, E in (("torch", MT, ET), ("mlx", MM, EM)):
+    for impl, E in (("torch", ET), ("mlx", EM)):
         if impl in impls:
-            twin = getattr(M, head).from_pretrained(tmp)
+            twin = twins[impl]
             if impl == "torch":
                 ET.prepare(twin)
             elif MLX_GPU:

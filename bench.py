@@ -157,8 +157,8 @@ def build(name, compile_twins=False, impls=("hf", "torch", "mlx")):
     hf = getattr(transformers, head)(transformers.BertConfig(**config, attn_implementation="sdpa"))
     with tempfile.TemporaryDirectory() as tmp:  # the one weight format, read back by each twin
         hf.save_pretrained(tmp)
-        twins = {impl: getattr(M, head).from_pretrained(tmp)
-                 for impl, M in (("torch", MT), ("mlx", MM)) if impl in impls}
+        twins = {impl: (getattr(M, head).from_pretrained(tmp), E)
+                 for impl, M, E in (("torch", MT, ET), ("mlx", MM, EM)) if impl in impls}
     hf.to(ET.DEVICE)
     batch = make_batch(head, config, B, T, np.random.default_rng(0))
     hf_batch = {k: torch.from_numpy(v).long().to(ET.DEVICE) for k, v in batch.items() if k != "masked_positions"}
@@ -184,20 +184,18 @@ def build(name, compile_twins=False, impls=("hf", "torch", "mlx")):
             with torch.inference_mode(), ET.autocast():
                 return {k: v.cpu() for k, v in hf(**hf_inputs).items()}  # to the host, as the twins' predict
         steps["hf"] = hf_step
-    for impl, E in (("torch", ET), ("mlx", EM)):
-        if impl in impls:
-            twin = twins[impl]
-            if impl == "torch":
-                ET.prepare(twin)
-            elif MLX_GPU:
-                twin.set_dtype(mx.bfloat16)
-            if compile_twins and impl == "torch":
-                E.compile(twin)
-            if train:
-                opt = E.AdamW(twin)
-                steps[impl] = lambda E=E, twin=twin, opt=opt: E.train_step(twin, opt, parts, 1e-5, 1.0, 0)
-            else:
-                steps[impl] = lambda E=E, twin=twin: E.predict(twin, inputs)
+    for impl, (twin, E) in twins.items():
+        if impl == "torch":
+            ET.prepare(twin)
+        elif MLX_GPU:
+            twin.set_dtype(mx.bfloat16)
+        if compile_twins and impl == "torch":
+            E.compile(twin)
+        if train:
+            opt = E.AdamW(twin)
+            steps[impl] = lambda E=E, twin=twin, opt=opt: E.train_step(twin, opt, parts, 1e-5, 1.0, 0)
+        else:
+            steps[impl] = lambda E=E, twin=twin: E.predict(twin, inputs)
     n_masked = int((batch["labels"] != -100).sum()) if head == "BertForMaskedLM" else 0
     flops = {impl: matmul_flops(head, config, B, T, n_masked, train, dense_head=impl == "hf") for impl in steps}
     return steps, flops, B * T

@@ -30,7 +30,7 @@ class Output(NamedTuple):
     logits: torch.Tensor | None = None
     start_logits: torch.Tensor | None = None
     end_logits: torch.Tensor | None = None
-    hidden_states: list | None = None  # L+1 tensors (B, T, H): embeddings, then each layer
+    hidden_states: list | None = None  # output_hidden_states=True: L+1 (B, T, H), embeddings then each layer
     pooler_output: torch.Tensor | None = None
 
 
@@ -175,12 +175,16 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x, mask):
-        """-> list of L+1 hidden states (B, T, H); backward keeps them alive anyway"""
-        hidden_states = [x]
+    def forward(self, x, mask, output_hidden_states=False):
+        """-> last hidden state (B, T, H), and the list of all L+1 (the embeddings', then each
+        layer's) when asked, else None, as HF: an inference pass would otherwise hold L of them
+        past their use (56 MB in bench.py's QA inference, B16 T384)"""
+        hidden_states = [x] if output_hidden_states else None
         for layer in self.layer:
-            hidden_states.append(layer(hidden_states[-1], mask))
-        return hidden_states
+            x = layer(x, mask)
+            if output_hidden_states:
+                hidden_states.append(x)
+        return x, hidden_states
 
 
 class BertPooler(nn.Module):
@@ -200,8 +204,9 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        """(B, T) ids, mask (1 = token, 0 = padding), token types -> (hidden_states, pooled or None)"""
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states=False):
+        """(B, T) ids, mask (1 = token, 0 = padding), token types -> (last hidden state (B, T, H),
+        pooled (B, H) or None, all hidden states or None)"""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         mask = None
@@ -210,9 +215,9 @@ class BertModel(nn.Module):
             # softmax padding gets exactly 0 weight (as HF; -inf would give NaN on empty rows).
             dtype = self.embeddings.word_embeddings.weight.dtype
             mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-        hidden_states = self.encoder(self.embeddings(input_ids, token_type_ids), mask)
-        pooled = self.pooler(hidden_states[-1]) if self.pooler is not None else None
-        return hidden_states, pooled
+        x, hidden_states = self.encoder(self.embeddings(input_ids, token_type_ids), mask, output_hidden_states)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return x, pooled, hidden_states
 
 
 # --- heads -------------------------------------------------------------------------------
@@ -303,12 +308,12 @@ class BertForMaskedLM(BertPreTrainedModel):
         self.bert = BertModel(config, add_pooling_layer=False)
         self.cls = BertOnlyMLMHead(config)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, masked_positions=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, masked_positions=None,
+            output_hidden_states=False):
         """labels (B, T): target ids, -100 = not predicted. masked_positions (N,): flat indices
         into B*T; when given, only those positions are decoded (the sparse head: logits (N, V)
         instead of (B, T, V), same loss, ~15% of the decoder's compute)."""
-        hidden_states, _ = self.bert(input_ids, attention_mask, token_type_ids)
-        h = hidden_states[-1]
+        h, _, hidden_states = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states)
         if masked_positions is not None:
             h = h.reshape(-1, h.shape[-1])[masked_positions]
             labels = labels.reshape(-1)[masked_positions] if labels is not None else None
@@ -329,9 +334,9 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.dropout = Dropout(p)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False):
         """labels (B,): class ids, or float targets when num_labels == 1 (regression, MSE)."""
-        hidden_states, pooled = self.bert(input_ids, attention_mask, token_type_ids)
+        _, pooled, hidden_states = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states)
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
@@ -350,10 +355,11 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         self.bert = BertModel(config, add_pooling_layer=False)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_positions=None, end_positions=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_positions=None, end_positions=None,
+            output_hidden_states=False):
         """-> start/end logits (B, T). Positions (B,) outside [0, T) are clamped to T and ignored (as HF)."""
-        hidden_states, _ = self.bert(input_ids, attention_mask, token_type_ids)
-        start_logits, end_logits = self.qa_outputs(hidden_states[-1]).unbind(-1)
+        h, _, hidden_states = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states)
+        start_logits, end_logits = self.qa_outputs(h).unbind(-1)
         loss = None
         if start_positions is not None and end_positions is not None:
             T = start_logits.shape[1]

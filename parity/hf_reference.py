@@ -71,7 +71,7 @@ def twin_forward_and_grads(backend, model, batch):
     inputs = to_backend(backend, batch)
     if backend == "torch":
         model.zero_grad()
-        out = model(**inputs)
+        out = model(**inputs, output_hidden_states=True)
         out.loss.backward()
         grads = {k: numpy(p.grad) for k, p in model.named_parameters() if p.grad is not None}
     else:
@@ -81,7 +81,7 @@ def twin_forward_and_grads(backend, model, batch):
         captured = {}
 
         def loss_fn(m):
-            captured["out"] = m(**inputs)
+            captured["out"] = m(**inputs, output_hidden_states=True)
             return captured["out"].loss
         _, g = nn.value_and_grad(model, loss_fn)(model)
         out = captured["out"]

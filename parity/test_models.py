@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hf_reference import (HEADS, TOL, TWINS, assert_close, random_batch, hf_config, hf_forward_and_grads, hf_model, load_twin,
-                      twin_forward_and_grads)
+                      numpy, to_backend, twin_forward_and_grads)
 from nanobert import hub
 from nanobert.tokenizer import load_tokenizer
 
@@ -89,6 +89,24 @@ def test_sparse_mlm_head_equals_dense(backend, tmp_path):
     assert out.logits.shape == (len(padded), config.vocab_size)
     assert_close(out.logits[: len(flat)], dense[flat], TOL[backend], "sparse logits")
     assert_close(out.loss, ref.loss.item(), TOL[backend], "sparse loss")
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_hidden_states_only_when_asked(backend, head, tmp_path):
+    """As HF: without output_hidden_states=True no hidden states come back (an inference pass
+    then frees each layer's output after its use), and every other output is the same."""
+    config = hf_config()
+    batch = random_batch(np.random.default_rng(3), head, config, B=2, T=7)
+    hf_model(head, config).save_pretrained(tmp_path)
+    twin = load_twin(backend, head, tmp_path)
+    inputs = to_backend(backend, batch)
+    plain, full = twin(**inputs), twin(**inputs, output_hidden_states=True)
+    assert plain.hidden_states is None and len(full.hidden_states) == config.num_hidden_layers + 1
+    for field, value in plain._asdict().items():
+        if field != "hidden_states":
+            assert (value is None) == (getattr(full, field) is None), field
+            if value is not None:
+                np.testing.assert_array_equal(numpy(value), numpy(getattr(full, field)), err_msg=field)
 
 
 # --- a real checkpoint ------------------------------------------------------------------------

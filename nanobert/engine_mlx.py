@@ -125,6 +125,10 @@ def train_step(model, opt, micro_batches, lr, grad_clip, seed):
                     g = dict(tree_flatten(g))
                     grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
                     loss = loss + part
+            # MLX frees an array, or computes a result into its memory, once nothing refers to
+            # it: holding the last shard's gradients in `g` would keep a model's worth of memory
+            # to the end of the step (bert-base MLM: peak 2,645 -> 2,274 MiB with both `del`s)
+            del g
             mx.eval(grads, loss)  # one micro-batch's graph at a time (its shards at once), not all of them
     if GROUP is not None:
         # Sum gradients across processes once, after the last micro-batch: the sum is
@@ -136,6 +140,7 @@ def train_step(model, opt, micro_batches, lr, grad_clip, seed):
         grads = {k: c.reshape(g.shape) for (k, g), c in zip(grads.items(), chunks)}
     grads, norm = clip_grad_norm(grads, grad_clip)
     opt.step(grads, lr)
+    del grads  # as `g` above: each parameter's update may now free its gradient
     mx.eval(model.parameters(), opt.exp_avg, opt.exp_avg_sq, norm)
     return all_sum(loss.item()), norm.item()
 

@@ -176,6 +176,30 @@ def test_accumulation_equals_big_batch(backend):
     assert_weights_equal(final[0], final[1], 1e-5)
 
 
+def test_mlx_step_frees_the_gradients_it_has_used():
+    """The MLX step keeps no Python reference to gradients past their use (MLX frees an array,
+    or computes into its memory, only once nothing refers to it). A model whose parameters
+    (P bytes) outweigh its activations: the step's peak above the weights and both moments is
+    the gradients, plus the new weights and moments computed beside the old ones (AdamW's
+    three outputs), 4P; holding the last shard's gradients to the end of the step made it 5P."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    import nanobert.engine_mlx as E
+    import nanobert.model_mlx as M
+    config = tiny_config(vocab_size=50000)  # the word embeddings: 800k of its 806k parameters
+    model = M.BertForSequenceClassification(config).init_weights()
+    opt = E.AdamW(model)
+    P = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    rng = np.random.default_rng(0)
+    for step in range(2):  # the first step also allocates the moments
+        batch = {**mlm_batch(rng, 8, 12, config.vocab_size), "labels": rng.integers(0, 2, 8).astype(np.int32)}
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        E.train_step(model, opt, micro_batches(batch, 0, 1, 1), 1e-3, 1.0, step)
+    assert before >= 3 * P
+    assert mx.get_peak_memory() - before < 4.5 * P, f"{(mx.get_peak_memory() - before) / P:.2f} P"
+
+
 def test_micro_batches_trim_to_the_longest_row_rounded_up():
     rng = np.random.default_rng(0)
     batch = mlm_batch(rng, 8, 20, 50)

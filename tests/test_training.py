@@ -200,6 +200,23 @@ def test_mlx_step_frees_the_gradients_it_has_used():
     assert mx.get_peak_memory() - before < 4.5 * P, f"{(mx.get_peak_memory() - before) / P:.2f} P"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_predict_in_pieces_equals_the_whole_batch(backend, monkeypatch):
+    """predict runs a batch's rows in pieces of at most PREDICT_TOKENS tokens (less memory):
+    the outputs are those of the whole batch at once, in order, for a batch that does not
+    split evenly (7 rows, 2 per piece)."""
+    models, E = load_backend(backend)
+    config = tiny_config(num_labels=3)
+    model = models.BertForSequenceClassification(config).init_weights()
+    batch = mlm_batch(np.random.default_rng(0), 7, 12, config.vocab_size)
+    del batch["labels"]
+    whole = E.predict(model, batch)["logits"]
+    monkeypatch.setattr(E, "PREDICT_TOKENS", 24)
+    pieces = E.predict(model, batch)["logits"]
+    assert whole.shape == pieces.shape == (7, 3)
+    np.testing.assert_allclose(pieces, whole, atol=1e-6)
+
+
 def test_micro_batches_trim_to_the_longest_row_rounded_up():
     rng = np.random.default_rng(0)
     batch = mlm_batch(rng, 8, 20, 50)

@@ -23,8 +23,8 @@ AUTOCAST_DTYPE = torch.bfloat16 if DEVICE == "cuda" else None
 PAD_MULTIPLE = 1  # eager torch runs any batch shape as fast: pad T to the longest row only (engine_mlx: 8)
 # predict runs at most this many tokens at once: a smaller piece holds smaller activations
 # (the FFN's B x T x 4H floats). QA inference, B16 T384 -> two chunks of 8 rows: peak RSS
-# alone 659 -> 605 MiB, as fast (0.902 vs 0.898 s, same process, median of 9; 4 rows: 535
-# MiB, 0.915 s). engine_mlx's is smaller: its pieces run side by side, one per stream.
+# alone 677-686 -> 569-582 MiB (HF 640-647), as fast (0.902 vs 0.898 s, same process, median
+# of 9; 4 rows: 0.915 s). engine_mlx's is smaller: its pieces run side by side, one per stream.
 PREDICT_TOKENS = 4096
 
 

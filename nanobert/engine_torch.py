@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from nanobert.optim_torch import AdamW, clip_grad_norm  # noqa: F401  (AdamW: the scripts use E.AdamW)
-from nanobert.training import keep_freed_memory, micro_batches, n_items
+from nanobert.training import keep_freed_memory, micro_batches, n_items, round_up
 
 keep_freed_memory()  # CPU tensors reuse freed heap memory instead of page-faulting in fresh pages
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,7 +133,8 @@ def predict(model, batch):
         chunks = [batch]
     else:
         B, T = batch["input_ids"].shape
-        chunks = micro_batches(batch, 0, 1, -(-B // max(1, PREDICT_TOKENS // T)), trim=False)
+        rows = max(1, PREDICT_TOKENS // T)  # at most, per chunk
+        chunks = micro_batches(batch, 0, 1, round_up(B, rows) // rows, trim=False)
     outs = []
     for chunk in chunks:
         with autocast():

@@ -25,6 +25,8 @@ PAD_MULTIPLE = 1  # eager torch runs any batch shape as fast: pad T to the longe
 # (the FFN's B x T x 4H floats). QA inference, B16 T384 -> two chunks of 8 rows: peak RSS
 # alone 677-686 -> 569-582 MiB (HF 640-647), as fast (0.902 vs 0.898 s, same process, median
 # of 9; 4 rows: 0.915 s). engine_mlx's is smaller: its pieces run side by side, one per stream.
+# On a GPU the rows run at once: there launching kernels bounds these shapes, and a chunk
+# launches as many as the whole batch.
 PREDICT_TOKENS = 4096
 
 
@@ -126,14 +128,14 @@ def train_step(model, opt, micro_batches, lr, grad_clip, seed):
 @torch.no_grad()
 def predict(model, batch):
     """Eval-mode forward (no dropout, no autograd graph) -> {output name: numpy array}.
-    Without targets (no loss) every output is per row, so the rows run in chunks of at most
-    PREDICT_TOKENS tokens, each chunk's activations freed before the next one's."""
+    Without targets (no loss) every output is per row, so on a CPU the rows run in chunks of
+    at most PREDICT_TOKENS tokens, each chunk's activations freed before the next one's."""
     model.eval()
     if {"labels", "start_positions"} & batch.keys():
         chunks = [batch]
     else:
         B, T = batch["input_ids"].shape
-        rows = max(1, PREDICT_TOKENS // T)  # at most, per chunk
+        rows = max(1, PREDICT_TOKENS // T) if DEVICE == "cpu" else B  # at most, per chunk
         chunks = micro_batches(batch, 0, 1, round_up(B, rows) // rows, trim=False)
     outs = []
     for chunk in chunks:

@@ -12,7 +12,8 @@ that file (the shared format), so all three start from the same weights and see 
 batches. Steps are interleaved (HF, torch, MLX, HF, ...) after warm-up, so a noisy machine
 slows all three alike; we report the median and the spread (min-max) of the repeats,
 tokens/s, the ratio to HF, and MFU: the step's matmul FLOPs (as that implementation runs
-them) over the GEMM peak measured in the same run for its framework. Training steps are
+them) over the peak, measured in the same run, of the GEMM its Linears run (HF: torch's
+matmul, MKL on x86; the torch twin: oneDNN on an x86 CPU, model_torch.linear). Training steps are
 forward + backward + AdamW (HF: torch.optim.AdamW, sdpa attention, dense MLM head; ours:
 the sparse MLM head, our AdamW); inference is a no-grad forward. In one process all three
 share the allocator setting nanobert's engines make (training.keep_freed_memory); --alone
@@ -107,7 +108,8 @@ def sync():
 
 def gemm_peak(framework, repeats=10):
     """Best GFLOP/s of an n x n matmul over `repeats` (the peak MFU is measured against):
-    fp32 2048^3 on a CPU, bf16 8192^3 on a GPU."""
+    fp32 2048^3 on a CPU, bf16 8192^3 on a GPU. framework: torch (its matmul, as HF runs
+    it), onednn (as the torch twin's Linears run on an x86 CPU) or mlx."""
     gpu = CUDA if framework == "torch" else MLX_GPU
     n = 8192 if gpu else 2048
     if framework == "torch":
@@ -117,6 +119,9 @@ def gemm_peak(framework, repeats=10):
         def run():
             a @ b
             sync()
+    elif framework == "onednn":  # the torch twin's Linears on an x86 CPU (model_torch.linear): a b^T
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        run = lambda: MT.onednn_linear(a, b)  # noqa: E731
     elif gpu:
         a, b = mx.random.normal((n, n)).astype(mx.bfloat16), mx.random.normal((n, n)).astype(mx.bfloat16)
         run = lambda: mx.eval(a @ b)  # noqa: E731
@@ -319,13 +324,20 @@ def main():
     if args.alone and CUDA:
         sys.exit("bench.py: error: --alone measures CPU processes (RSS); on a GPU the table gives step memory")
     peaks = {"torch": gemm_peak("torch"), "mlx": gemm_peak("mlx")}
+    if MT.ONEDNN and not CUDA:
+        peaks["onednn"] = gemm_peak("onednn")
+    # each implementation's MFU against the GEMM its Linears run: HF torch's matmul, the torch
+    # twin oneDNN's where it uses it, the MLX twin MLX's matmul
+    impl_peak = {"hf": peaks["torch"], "torch": peaks.get("onednn", peaks["torch"]), "mlx": peaks["mlx"]}
     gpu = f"{torch.cuda.get_device_name()}, bf16 (torch: autocast; MLX: {mx.default_device()}), " if CUDA else ""
     machine = f"{gpu}{platform.machine()}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__} " \
               f"({torch.get_num_threads()} threads), mlx {mx.__version__} (BLAS: {mlx_cpu.loaded_blas()}{blas_kernels()}, " \
               f"{len(EM.STREAMS)} streams, training step {'compiled' if EM.COMPILE else 'eager'}), " \
               f"transformers {transformers.__version__}"
     print(f"machine: {machine}\nGEMM peak ({'8192^3 bf16' if CUDA else '2048^3 fp32'}): "
-          f"torch {peaks['torch']:.0f} GFLOP/s, MLX {peaks['mlx']:.0f} GFLOP/s")
+          f"torch {peaks['torch']:.0f} GFLOP/s, "
+          + (f"oneDNN (the torch twin's Linears) {peaks['onednn']:.0f} GFLOP/s, " if "onednn" in peaks else "")
+          + f"MLX {peaks['mlx']:.0f} GFLOP/s")
     print(f"{'workload':10s} {'impl':6s} {'median s':>9s} {'spread s':>15s} {'tokens/s':>9s} {'vs HF':>6s} {'MFU':>5s}"
           + (f" {'peak RSS MiB':>12s} {'alone s':>8s} {'vs HF':>6s}" if args.alone else "")
           + (f" {'step GPU MiB':>12s}" if CUDA else ""))
@@ -335,7 +347,7 @@ def main():
         hf_rate = tokens / statistics.median(times["hf"])
         for impl, ts in times.items():
             med = statistics.median(ts)
-            peak = peaks["mlx" if impl == "mlx" else "torch"]
+            peak = impl_peak[impl]
             row = {"workload": name, "impl": impl, "median_s": med, "min_s": min(ts), "max_s": max(ts),
                    "tokens_per_s": tokens / med, "vs_hf": tokens / med / hf_rate,
                    "mfu": flops[impl] / med / (peak * 1e9),

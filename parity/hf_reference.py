@@ -19,12 +19,14 @@ import transformers
 import nanobert.model_mlx as M
 import nanobert.model_torch as T
 
-# Max abs difference to HF. MLX's matmuls (OpenBLAS on Linux) sum in another order than
-# torch's, and its Linux-CPU GELU (mlx_cpu: a rational erf, as accurate as torch's fp32 GELU
-# but not bit-equal to it) differs by an ulp or so: on the real MiniLM checkpoint (values
-# up to 10.5) that grows to 9.9e-5 by layer 5, 1.25e-4 with the rational GELU. Bugs the
-# suite must catch are 100x larger (test_parity_catches_bugs: 1.3e-2, 4.8e-2).
-TOL = {"torch": 1e-5, "mlx": 2e-4}
+# Max abs difference to HF. Both twins' matmuls sum in another order than HF's (torch's
+# own matmul, MKL): the torch twin's Linears run on oneDNN on an x86 CPU (model_torch.linear),
+# MLX's on OpenBLAS on Linux, and MLX's Linux-CPU GELU (mlx_cpu: a rational erf, as accurate
+# as torch's fp32 GELU but not bit-equal to it) differs by an ulp or so. On the real MiniLM
+# checkpoint (values up to 10.5) that grows by layer 5 to 9.2e-5 (torch twin), 9.9e-5 (MLX),
+# 1.25e-4 (MLX with the rational GELU). Bugs the suite must catch are 100x larger
+# (test_parity_catches_bugs: 1.3e-2, 4.8e-2).
+TOL = {"torch": 2e-4, "mlx": 2e-4}
 HEADS = ("BertForMaskedLM", "BertForSequenceClassification", "BertForQuestionAnswering")
 TWINS = {"torch": T, "mlx": M}
 

@@ -82,10 +82,11 @@ ONEDNN = (os.environ.get("NANOBERT_ONEDNN") != "0" and platform.machine().lower(
 
 def linear(x, weight, bias=None):
     """F.linear: x (..., K), weight (N, K), bias (N,) -> x W^T + b (..., N). oneDNN for fp32 on
-    an x86 CPU, outside autocast (which F.linear follows, casting to bf16) and torch.compile
-    (whose lowering of the oneDNN op wants weights frozen into constants; it picks its own)."""
-    if (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()):
+    an x86 CPU, unless torch's own switch turns it off (torch.backends.mkldnn.enabled), outside
+    autocast (which F.linear follows, casting to bf16) and torch.compile (whose lowering of the
+    oneDNN op wants weights frozen into constants; it picks its own)."""
+    if (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
         return OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 

@@ -84,8 +84,9 @@ def linear(x, weight, bias=None):
     """F.linear: x (..., K), weight (N, K), bias (N,) -> x W^T + b (..., N). oneDNN for fp32 on
     an x86 CPU, unless torch's own switch turns it off (torch.backends.mkldnn.enabled), outside
     autocast (which F.linear follows, casting to bf16) and torch.compile (whose lowering of the
-    oneDNN op wants weights frozen into constants; it picks its own)."""
-    if (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled
+    oneDNN op wants weights frozen into constants; it picks its own), and for x with rows
+    (oneDNN builds no inner product over 0 of them, as the weight gradient would need)."""
+    if (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
         return OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)

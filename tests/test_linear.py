@@ -27,6 +27,7 @@ def forward_and_grads(fn, x, weight, bias, grad):
     ((3, 5, 16), 8),   # N < K, (B, T, K) input: the weight gradient as g^T x
     ((3, 5, 16), 40),  # N > K: as (x^T g)^T, a transposed result (the MLM decoder's case)
     ((7, 16), 16),     # 2-D input, N == K
+    ((2, 0, 16), 8),   # no rows (F.linear: oneDNN builds no inner product over 0 rows)
 ])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_matches_f_linear_forward_and_backward(x_shape, n, with_bias):

@@ -74,8 +74,9 @@ class Dropout(nn.Dropout):
 
 # On an x86 CPU the Linear layers' matmuls run on oneDNN: torch's own fp32 matmul there is
 # MKL's, which takes its AVX-512 kernels on Intel CPUs only; on the reference machine's AMD
-# EPYC (Zen 5) MKL ran (4096 x 384) @ (384 x 1536) at ~200 GFLOP/s, oneDNN (built into torch;
-# torch.compile's CPU backend emits the same op for a Linear) at ~450. NANOBERT_ONEDNN=0: MKL.
+# EPYC (Zen 5) MKL ran (4096 x 384) @ (384 x 1536) at ~200 GFLOP/s, oneDNN (built into torch's
+# x86 builds; torch.compile's CPU backend has a lowering for the same op) at ~450.
+# NANOBERT_ONEDNN=0: MKL.
 ONEDNN = (os.environ.get("NANOBERT_ONEDNN") != "0" and platform.machine().lower() in ("x86_64", "amd64")
           and torch.backends.mkldnn.is_available())
 

@@ -13,7 +13,7 @@ batches. Steps are interleaved (HF, torch, MLX, HF, ...) after warm-up, so a noi
 slows all three alike; we report the median and the spread (min-max) of the repeats,
 tokens/s, the ratio to HF, and MFU: the step's matmul FLOPs (as that implementation runs
 them) over the peak, measured in the same run, of the GEMM its Linears run (HF: torch's
-matmul, MKL on x86; the torch twin: oneDNN on an x86 CPU, model_torch.linear). Training steps are
+matmul, MKL on x86; the torch twin: oneDNN on an x86 CPU, torch_cpu.linear). Training steps are
 forward + backward + AdamW (HF: torch.optim.AdamW, sdpa attention, dense MLM head; ours:
 the sparse MLM head, our AdamW); inference is a no-grad forward. In one process all three
 share the allocator setting nanobert's engines make (training.keep_freed_memory); --alone
@@ -44,7 +44,7 @@ import nanobert.engine_mlx as EM  # first: MLX's BLAS + allocator fixes (nanober
 import nanobert.engine_torch as ET
 import nanobert.model_mlx as MM
 import nanobert.model_torch as MT
-from nanobert import mlx_cpu
+from nanobert import mlx_cpu, torch_cpu
 from nanobert.mlm_data import mask_tokens
 from nanobert.training import micro_batches, peak_rss_mb
 
@@ -119,9 +119,9 @@ def gemm_peak(framework, repeats=10):
         def run():
             a @ b
             sync()
-    elif framework == "onednn":  # the torch twin's Linears on an x86 CPU (model_torch.linear): a b^T
+    elif framework == "onednn":  # the torch twin's Linears on an x86 CPU (torch_cpu.linear): a b^T
         a, b = torch.randn(n, n), torch.randn(n, n)
-        run = lambda: MT.onednn_linear(a, b)  # noqa: E731
+        run = lambda: torch_cpu.onednn_linear(a, b)  # noqa: E731
     elif gpu:
         a, b = mx.random.normal((n, n)).astype(mx.bfloat16), mx.random.normal((n, n)).astype(mx.bfloat16)
         run = lambda: mx.eval(a @ b)  # noqa: E731
@@ -324,7 +324,7 @@ def main():
     if args.alone and CUDA:
         sys.exit("bench.py: error: --alone measures CPU processes (RSS); on a GPU the table gives step memory")
     peaks = {"torch": gemm_peak("torch"), "mlx": gemm_peak("mlx")}
-    if MT.ONEDNN and not CUDA:
+    if torch_cpu.ONEDNN and not CUDA:
         peaks["onednn"] = gemm_peak("onednn")
     # each implementation's MFU against the GEMM its Linears run: HF torch's matmul, the torch
     # twin oneDNN's where it uses it, the MLX twin MLX's matmul

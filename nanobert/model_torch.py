@@ -12,15 +12,13 @@ Shapes: B batch, T sequence length, H hidden size, V vocabulary, N decoded MLM p
 """
 
 import math
-import os
-import platform
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanobert import weights
+from nanobert import torch_cpu, weights
 from nanobert.config import BertConfig
 
 ACT2FN = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
@@ -72,66 +70,6 @@ class Dropout(nn.Dropout):
         return x * (u16 >= self.cut - 32768).view(torch.uint8)
 
 
-# On an x86 CPU the Linear layers' matmuls run on oneDNN: torch's own fp32 matmul there is
-# MKL's, which takes its AVX-512 kernels on Intel CPUs only; on the reference machine's AMD
-# EPYC (Zen 5) MKL ran (4096 x 384) @ (384 x 1536) at ~200 GFLOP/s, oneDNN (built into torch's
-# x86 builds; torch.compile's CPU backend has a lowering for the same op) at ~450.
-# NANOBERT_ONEDNN=0: MKL.
-ONEDNN = (os.environ.get("NANOBERT_ONEDNN") != "0" and platform.machine().lower() in ("x86_64", "amd64")
-          and torch.backends.mkldnn.is_available())
-
-
-def linear(x, weight, bias=None):
-    """F.linear: x (..., K), weight (N, K), bias (N,) -> x W^T + b (..., N). oneDNN for fp32 on
-    an x86 CPU, unless torch's own switch turns it off (torch.backends.mkldnn.enabled), outside
-    autocast (which F.linear follows, casting to bf16) and torch.compile (whose lowering of the
-    oneDNN op wants weights frozen into constants; it picks its own), and for x with rows
-    (oneDNN builds no inner product over 0 of them, as the weight gradient would need)."""
-    if (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-        return OneDNNLinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-def onednn_linear(x, weight, bias=None):
-    """x W^T + b on oneDNN (an inner product primitive; no autograd): x made contiguous,
-    weight (N, K) any strides."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-class OneDNNLinear(torch.autograd.Function):
-    """A Linear's forward and backward, its three matmuls on oneDNN. With g = dL/dy (M, N)
-    and x (M, K), over the M = B*T rows: dL/dx = g W, dL/dW = g^T x, dL/db = sum of g's rows."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        return onednn_linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        g, x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (M, N), (M, K)
-        grad_x = onednn_linear(grad, weight.t()) if ctx.needs_input_grad[0] else None
-        grad_w = grad_b = None
-        if ctx.needs_input_grad[1]:
-            # oneDNN copies its first operand contiguous, and runs fastest with fewer output rows
-            # than columns: g^T x as is when N <= K, else (x^T g)^T (the MLM decoder, N = 30522:
-            # 56 ms vs 102 ms for g^T x, 752 rows).
-            N, K = weight.shape
-            grad_w = onednn_linear(g.t(), x.t()) if N <= K else onednn_linear(x.t(), g.t()).t()
-        if ctx.needs_input_grad[2]:
-            grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and names), through `linear`."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
 class BertEmbeddings(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -154,9 +92,9 @@ class BertSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.query = Linear(config.hidden_size, config.hidden_size)
-        self.key = Linear(config.hidden_size, config.hidden_size)
-        self.value = Linear(config.hidden_size, config.hidden_size)
+        self.query = torch_cpu.Linear(config.hidden_size, config.hidden_size)
+        self.key = torch_cpu.Linear(config.hidden_size, config.hidden_size)
+        self.value = torch_cpu.Linear(config.hidden_size, config.hidden_size)
         self.dropout = Dropout(config.attention_probs_dropout_prob)
 
     def forward(self, x, mask):
@@ -181,7 +119,7 @@ class BertSelfAttention(nn.Module):
 class BertSelfOutput(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = Linear(config.hidden_size, config.hidden_size)
+        self.dense = torch_cpu.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
@@ -202,7 +140,7 @@ class BertAttention(nn.Module):
 class BertIntermediate(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = Linear(config.hidden_size, config.intermediate_size)
+        self.dense = torch_cpu.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, x):
@@ -212,7 +150,7 @@ class BertIntermediate(nn.Module):
 class BertOutput(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = Linear(config.intermediate_size, config.hidden_size)
+        self.dense = torch_cpu.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
@@ -252,7 +190,7 @@ class BertEncoder(nn.Module):
 class BertPooler(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = Linear(config.hidden_size, config.hidden_size)
+        self.dense = torch_cpu.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x):
         """(B, T, H) -> (B, H): tanh(dense) of the [CLS] position"""
@@ -337,7 +275,7 @@ class BertPreTrainedModel(nn.Module):
 class BertPredictionHeadTransform(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = Linear(config.hidden_size, config.hidden_size)
+        self.dense = torch_cpu.Linear(config.hidden_size, config.hidden_size)
         self.act = ACT2FN[config.hidden_act]
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -353,7 +291,7 @@ class BertLMPredictionHead(nn.Module):
 
     def forward(self, x, word_embeddings):
         """(..., H) -> (..., V). The decoder is the word embedding matrix itself (tied weights)."""
-        return linear(self.transform(x), word_embeddings, self.bias)
+        return torch_cpu.linear(self.transform(x), word_embeddings, self.bias)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -394,7 +332,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.bert = BertModel(config)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = Dropout(p)
-        self.classifier = Linear(config.hidden_size, config.num_labels)
+        self.classifier = torch_cpu.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False):
         """labels (B,): class ids, or float targets when num_labels == 1 (regression, MSE)."""
@@ -415,7 +353,7 @@ class BertForQuestionAnswering(BertPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.bert = BertModel(config, add_pooling_layer=False)
-        self.qa_outputs = Linear(config.hidden_size, 2)
+        self.qa_outputs = torch_cpu.Linear(config.hidden_size, 2)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_positions=None, end_positions=None,
             output_hidden_states=False):
@@ -452,16 +390,16 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
 
     def forward(self, x):
-        return linear(x, self.weight, self.bias) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+        return torch_cpu.linear(x, self.weight, self.bias) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
 
     def merged(self):
         """A plain Linear with W + (alpha/r) B A: the adapter folded in for export."""
         out, inp = self.weight.shape
-        plain = Linear(inp, out)
+        linear = torch_cpu.Linear(inp, out)
         with torch.no_grad():
-            plain.weight.copy_(self.weight + self.scale * self.lora_B @ self.lora_A)
-            plain.bias.copy_(self.bias)
-        return plain
+            linear.weight.copy_(self.weight + self.scale * self.lora_B @ self.lora_A)
+            linear.bias.copy_(self.bias)
+        return linear
 
 
 def apply_lora(model, r, alpha, targets=("query", "value")):

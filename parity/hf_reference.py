@@ -20,7 +20,7 @@ import nanobert.model_mlx as M
 import nanobert.model_torch as T
 
 # Max abs difference to HF. Both twins' matmuls sum in another order than HF's (torch's
-# own matmul, MKL): the torch twin's Linears run on oneDNN on an x86 CPU (model_torch.linear),
+# own matmul, MKL): the torch twin's Linears run on oneDNN on an x86 CPU (torch_cpu.linear),
 # MLX's on OpenBLAS on Linux, and MLX's Linux-CPU GELU (mlx_cpu: a rational erf, as accurate
 # as torch's fp32 GELU but not bit-equal to it) differs by an ulp or so. On the real MiniLM
 # checkpoint (values up to 10.5) that grows by layer 5 to 9.2e-5 (torch twin), 9.9e-5 (MLX),

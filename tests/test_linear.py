@@ -1,4 +1,4 @@
-"""The torch twin's Linear (nanobert/model_torch.py): on an x86 CPU its three matmuls run on
+"""The torch twin's Linear (nanobert/torch_cpu.py): on an x86 CPU its three matmuls run on
 oneDNN, with a hand-written backward. It must give F.linear's output and gradients (up to
 fp32 summation order) for every kind of shape the model has, and be what the model runs."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import nanobert.model_torch as MT
+from nanobert import torch_cpu
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -36,9 +36,9 @@ def test_matches_f_linear_forward_and_backward(x_shape, n, with_bias):
     weight = torch.randn(n, x_shape[-1], requires_grad=True)
     bias = torch.randn(n, requires_grad=True) if with_bias else None
     grad = torch.randn(*x_shape[:-1], n)
-    if MT.ONEDNN and x.numel():  # what is compared is oneDNN's
-        assert type(MT.linear(x, weight, bias).grad_fn).__name__ == "OneDNNLinearBackward"
-    ours = forward_and_grads(MT.linear, x, weight, bias, grad)
+    if torch_cpu.ONEDNN and x.numel():  # what is compared is oneDNN's
+        assert type(torch_cpu.linear(x, weight, bias).grad_fn).__name__ == "OneDNNLinearBackward"
+    ours = forward_and_grads(torch_cpu.linear, x, weight, bias, grad)
     ref = forward_and_grads(F.linear, x, weight, bias, grad)
     assert len(ours) == len(ref) == 3 + with_bias
     for a, b, what in zip(ours, ref, ("output", "grad x", "grad weight", "grad bias")):
@@ -49,7 +49,7 @@ def test_matches_f_linear_forward_and_backward(x_shape, n, with_bias):
 def test_frozen_weight_gets_no_gradient_and_grads_accumulate():
     """LoRA freezes the base weight (no weight gradient computed); .grad accumulates over calls."""
     torch.manual_seed(0)
-    layer = MT.Linear(16, 40)
+    layer = torch_cpu.Linear(16, 40)
     layer.weight.requires_grad_(False)
     x = torch.randn(4, 16, requires_grad=True)
     layer(x).sum().backward()
@@ -63,19 +63,19 @@ def test_frozen_weight_gets_no_gradient_and_grads_accumulate():
 def test_the_model_runs_onednn_on_an_x86_cpu(monkeypatch):
     """Where torch has oneDNN, the Linears go through it (else the speed in the README is not
     what runs); float64, and torch's switch for oneDNN set off, fall back to F.linear."""
-    assert MT.ONEDNN == torch.backends.mkldnn.is_available()
-    if not MT.ONEDNN:
+    assert torch_cpu.ONEDNN == torch.backends.mkldnn.is_available()
+    if not torch_cpu.ONEDNN:
         pytest.skip("this torch build has no oneDNN")
     x = torch.randn(2, 16, requires_grad=True)
-    assert type(MT.Linear(16, 8)(x).grad_fn).__name__ == "OneDNNLinearBackward"
-    assert type(MT.Linear(16, 8).double()(x.double()).grad_fn).__name__ != "OneDNNLinearBackward"
+    assert type(torch_cpu.Linear(16, 8)(x).grad_fn).__name__ == "OneDNNLinearBackward"
+    assert type(torch_cpu.Linear(16, 8).double()(x.double()).grad_fn).__name__ != "OneDNNLinearBackward"
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
-    assert type(MT.Linear(16, 8)(x).grad_fn).__name__ != "OneDNNLinearBackward"
+    assert type(torch_cpu.Linear(16, 8)(x).grad_fn).__name__ != "OneDNNLinearBackward"
 
 
 def test_nanobert_onednn_0_turns_it_off():
     env = {**os.environ, "NANOBERT_ONEDNN": "0"}
-    out = subprocess.run([sys.executable, "-c", "import nanobert.model_torch as M; print(M.ONEDNN)"],
+    out = subprocess.run([sys.executable, "-c", "from nanobert import torch_cpu; print(torch_cpu.ONEDNN)"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -84,7 +84,7 @@ def test_under_torch_compile_it_is_f_linear():
     """torch.compile (--compile) cannot lower the oneDNN op with trainable weights: compiled,
     Linear is F.linear, with the same output and gradients as eager."""
     torch.manual_seed(0)
-    layer = MT.Linear(16, 8)
+    layer = torch_cpu.Linear(16, 8)
     x = torch.randn(3, 16)
     eager = forward_and_grads(lambda x, w, b: layer(x), x, layer.weight, layer.bias, torch.ones(3, 8))
     compiled = forward_and_grads(lambda x, w, b: torch.compile(layer)(x), x, layer.weight, layer.bias,

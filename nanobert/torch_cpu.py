@@ -1,0 +1,71 @@
+"""torch on x86 CPUs: the Linear layers' matmuls on oneDNN (model_torch's Linears use these).
+
+torch's own fp32 matmul (`mm`, `addmm`: what `nn.Linear`, and so HF, runs) on an x86 CPU is
+MKL's, which takes its AVX-512 kernels on Intel CPUs only; on the reference machine's AMD
+EPYC (Zen 5) MKL ran (4096 x 384) @ (384 x 1536) at ~200 GFLOP/s. oneDNN, also built into
+torch's x86 builds (torch.compile's CPU backend has a lowering for the same op), ran it at
+~450. torch exposes oneDNN's inner product without autograd, so the backward is written out
+here. The counterpart of mlx_cpu.py, which gives MLX its BLAS (README, Speed).
+"""
+
+import os
+import platform
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# NANOBERT_ONEDNN=0: MKL everywhere.
+ONEDNN = (os.environ.get("NANOBERT_ONEDNN") != "0" and platform.machine().lower() in ("x86_64", "amd64")
+          and torch.backends.mkldnn.is_available())
+
+
+def linear(x, weight, bias=None):
+    """F.linear: x (..., K), weight (N, K), bias (N,) -> x W^T + b (..., N). oneDNN for fp32 on
+    an x86 CPU, unless torch's own switch turns it off (torch.backends.mkldnn.enabled), outside
+    autocast (which F.linear follows, casting to bf16) and torch.compile (whose lowering of the
+    oneDNN op wants weights frozen into constants; it picks its own), and for x with rows
+    (oneDNN builds no inner product over 0 of them, as the weight gradient would need)."""
+    if (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        return OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def onednn_linear(x, weight, bias=None):
+    """x W^T + b on oneDNN (an inner product primitive; no autograd): x made contiguous,
+    weight (N, K) any strides."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """A Linear's forward and backward, its three matmuls on oneDNN. With g = dL/dy (M, N)
+    and x (M, K), over the M = B*T rows: dL/dx = g W, dL/dW = g^T x, dL/db = sum of g's rows."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g, x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (M, N), (M, K)
+        grad_x = onednn_linear(grad, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            # oneDNN copies its first operand contiguous, and runs fastest with fewer output rows
+            # than columns: g^T x as is when N <= K, else (x^T g)^T (the MLM decoder, N = 30522:
+            # 56 ms vs 102 ms for g^T x, 752 rows).
+            N, K = weight.shape
+            grad_w = onednn_linear(g.t(), x.t()) if N <= K else onednn_linear(x.t(), g.t()).t()
+        if ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names), through `linear`."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)

@@ -146,12 +146,14 @@ def gemm_peak(framework, repeats=10):
 
 def blas_kernels():
     """' (<name> kernels)' where MLX's BLAS is OpenBLAS: the CPU family it picked kernels for
-    (its own detection, or $OPENBLAS_CORETYPE), which sets its GEMM speed."""
+    (its own detection, or $OPENBLAS_CORETYPE), which sets its GEMM speed; and the
+    OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE overrides where the environment sets them."""
     lib = ctypes.CDLL(mlx_cpu.loaded_blas()) if mlx_cpu.loaded_blas() else None
     if lib is None or not hasattr(lib, "openblas_get_corename"):
         return ""
     lib.openblas_get_corename.restype = ctypes.c_char_p
-    return f" ({lib.openblas_get_corename().decode()} kernels)"
+    overrides = "".join(f", {v}={os.environ[v]}" for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ)
+    return f" ({lib.openblas_get_corename().decode()} kernels{overrides})"
 
 
 def build(name, compile_twins=False, impls=("hf", "torch", "mlx")):

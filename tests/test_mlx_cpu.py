@@ -42,6 +42,30 @@ def test_a_fast_blas_is_loaded_and_matmul_is_right():
     assert "warning" not in err
 
 
+def test_blas_matmul_is_right_over_shapes_and_transposes():
+    """Whatever kernels the loaded BLAS picked for this CPU (OPENBLAS_CORETYPE can force older
+    ones; older OpenBLAS builds went wrong on some CPUs), MLX's matmul, addmm and batched
+    matmul agree with float64: odd and tiny sizes, which take OpenBLAS's edge and
+    small-matrix paths, with either operand transposed (README, MLX on Linux CPUs)."""
+    import nanobert.model_mlx  # noqa: F401  (the BLAS first)
+    import mlx.core as mx
+    rng = np.random.default_rng(0)
+    sizes = [1, 2, 3, 7, 8, 9, 16, 17, 31, 33, 64, 65, 127, 129, 384, 385]
+    for m, k, n in rng.choice(sizes, (60, 3)):
+        for ta in (False, True):
+            for tb in (False, True):
+                a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
+                b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
+                c = np.array((mx.array(a).T if ta else mx.array(a)) @ (mx.array(b).T if tb else mx.array(b)))
+                ref = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
+                assert np.abs(c - ref).max() < 1e-5 * (np.sqrt(k) + 1), (m, k, n, ta, tb)
+    a, b, c0 = (rng.standard_normal(s).astype(np.float32) for s in ((130, 33), (33, 70), (130, 70)))
+    out = np.array(mx.addmm(mx.array(c0), mx.array(a), mx.array(b)))
+    assert np.abs(out - (c0 + a.astype(np.float64) @ b)).max() < 1e-4
+    a, b = rng.standard_normal((24, 65, 32)).astype(np.float32), rng.standard_normal((24, 32, 65)).astype(np.float32)
+    assert np.abs(np.array(mx.array(a) @ mx.array(b)) - a.astype(np.float64) @ b).max() < 1e-4
+
+
 def test_torch_fallback_works():
     """No system OpenBLAS: torch's own libtorch_cpu.so serves sgemm_ (see README numbers)."""
     import importlib.util

@@ -110,7 +110,7 @@ def gemm_peak(framework, repeats=10):
     """Best GFLOP/s of an n x n matmul over `repeats` (the peak MFU is measured against):
     fp32 2048^3 on a CPU, bf16 8192^3 on a GPU. framework: torch (its matmul, as HF runs
     it), onednn (as the torch twin's Linears run on an x86 CPU) or mlx."""
-    gpu = CUDA if framework == "torch" else MLX_GPU
+    gpu = MLX_GPU if framework == "mlx" else CUDA  # onednn: torch's CPU path, measured only without CUDA
     n = 8192 if gpu else 2048
     if framework == "torch":
         dtype = torch.bfloat16 if gpu else torch.float32

@@ -216,7 +216,10 @@ def test_split_over_streams_equals_one_stream(monkeypatch):
         if len(streams) == 3:
             monkeypatch.setattr(E, "PREDICT_TOKENS", 24)  # 2 rows a shard: 2 waves of 3 shards
             waves = E.predict(model, inputs)
-            assert all(np.array_equal(predicted[k], waves[k]) for k in predicted)
+            # Not bit-equal: a BLAS may block a GEMM differently for 2 rows than for 3
+            # (MKL does), so only rounding may differ.
+            for k in predicted:
+                np.testing.assert_allclose(predicted[k], waves[k], rtol=0, atol=1e-6, err_msg=k)
         loss, norm = E.train_step(model, E.AdamW(model), micro_batches(batch, 0, 1, 1), 1e-3, 1.0, 0)
         results.append((predicted, loss, norm, grads))
     (out1, loss1, norm1, grads1), (out3, loss3, norm3, grads3) = results

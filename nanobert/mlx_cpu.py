@@ -9,7 +9,10 @@ training step ~3x slower than PyTorch on the 2-core reference machine (README ha
    *global* scope before a library's own dependencies, so a tuned library opened with
    RTLD_GLOBAL before MLX loads takes over those symbols ("symbol interposition"). We
    try, in order: $NANOBERT_BLAS (a path; "none" disables all this), the system OpenBLAS
-   (`apt-get install libopenblas0-pthread`; fastest), torch's own libtorch_cpu.so.
+   (`apt-get install libopenblas0-pthread`), the OpenBLAS from PyPI (`scipy-openblas32`,
+   in requirements.txt; its symbols carry a prefix, so a small forwarding library,
+   openblas_shim.c, is compiled once with the C compiler MLX needs anyway, and cached),
+   torch's own libtorch_cpu.so (MKL: fast on Intel CPUs, slower on AMD's).
 2. Memory. MLX hands every freed buffer back to malloc, and glibc returns big blocks to
    the OS (mmap/munmap, heap trimming), so each op on a large array page-faults its output
    in anew (x * 2 + 1 on 12.6M floats: 52 ms; 16 ms once blocks are reused).
@@ -37,8 +40,10 @@ are MLX's own there.
 
 import ctypes
 import ctypes.util
+import hashlib
 import importlib.util
 import os
+import subprocess
 import sys
 
 from nanobert.training import launched_world_size
@@ -53,7 +58,37 @@ def blas_candidates():
     if os.environ.get("NANOBERT_BLAS"):
         return [os.environ["NANOBERT_BLAS"]]
     found = [ctypes.util.find_library("openblas")] + [p for p in OPENBLAS_PATHS if os.path.exists(p)]
-    return [c for c in found if c] + ([_torch_blas()] if _torch_blas() else [])
+    return [c for c in found + [_pypi_openblas(), _torch_blas()] if c]
+
+
+def _pypi_openblas():
+    """The forwarding library for scipy-openblas32's OpenBLAS (openblas_shim.c), built on first
+    use into ~/.cache/nanobert (written to a temporary name, then renamed: concurrent processes
+    never load half a file); None if the package or a C compiler is missing."""
+    spec = importlib.util.find_spec("scipy_openblas32")
+    if not (spec and spec.submodule_search_locations):
+        return None
+    lib_dir = os.path.join(spec.submodule_search_locations[0], "lib")
+    source = os.path.join(os.path.dirname(__file__), "openblas_shim.c")
+    with open(source, "rb") as f:
+        key = hashlib.sha256(f.read() + os.path.realpath(lib_dir).encode()).hexdigest()[:16]
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanobert")
+    shim = os.path.join(cache, f"openblas_shim-{key}.so")
+    if os.path.exists(shim):
+        return shim
+    tmp = f"{shim}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(cache, exist_ok=True)
+        subprocess.run([os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", source, "-o", tmp, f"-L{lib_dir}",
+                        "-lscipy_openblas", f"-Wl,-rpath,{lib_dir}"], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, shim)
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"nanobert: warning: could not build {source} ({e}); MLX uses another BLAS", file=sys.stderr)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return shim
 
 
 def _torch_blas():
@@ -92,13 +127,13 @@ def _preload():
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
-        if hasattr(lib, "sgemm_"):
+        if hasattr(lib, "cblas_sgemm") or hasattr(lib, "sgemm_"):
             _blas = path
             break
     else:
         print("nanobert: warning: no fast BLAS found for MLX; its matmuls will be ~40x slower. "
-              "Install one with `sudo apt-get install libopenblas0-pthread` (or `pip install torch`), "
-              "or point NANOBERT_BLAS at a library exporting sgemm_.", file=sys.stderr)
+              "Install one with `pip install scipy-openblas32` (and a C compiler) or `sudo apt-get install libopenblas0-pthread`, "
+              "or point NANOBERT_BLAS at a library exporting cblas_sgemm or sgemm_.", file=sys.stderr)
 
 
 def loaded_blas():

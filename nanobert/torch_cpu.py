@@ -1,11 +1,13 @@
-"""torch on x86 CPUs: the Linear layers' matmuls on oneDNN (model_torch's Linears use these).
+"""torch on x86 CPUs: the Linear layers' matmuls on oneDNN where that is faster than MKL.
 
 torch's own fp32 matmul (`mm`, `addmm`: what `nn.Linear`, and so HF, runs) on an x86 CPU is
-MKL's, which takes its AVX-512 kernels on Intel CPUs only; on the reference machine's AMD
-EPYC (Zen 5) MKL ran (4096 x 384) @ (384 x 1536) at ~200 GFLOP/s. oneDNN, also built into
-torch's x86 builds (torch.compile's CPU backend has a lowering for the same op), ran it at
-~450. torch exposes oneDNN's inner product without autograd, so the backward is written out
-here. The counterpart of mlx_cpu.py, which gives MLX its BLAS (README, Speed).
+MKL's, which takes its AVX-512 kernels on Intel CPUs only. On an AMD EPYC (Zen 5) MKL ran
+(4096 x 384) @ (384 x 1536) at ~200 GFLOP/s and oneDNN, also built into torch's x86 builds,
+at ~450; on an Intel Xeon (Sapphire Rapids class) MKL was the faster of the two in every
+Linear GEMM, forward and backward (its weight gradients ~2x: docs/cpu-speed.md). So the rule
+is by vendor: oneDNN on x86 CPUs that are not Intel's, MKL (F.linear) on Intel's.
+NANOBERT_ONEDNN=1 / =0 overrides it. torch exposes oneDNN's inner product without autograd,
+so the backward is written out here. The counterpart of mlx_cpu.py, which gives MLX its BLAS.
 """
 
 import os
@@ -15,9 +17,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# NANOBERT_ONEDNN=0: MKL everywhere.
-ONEDNN = (os.environ.get("NANOBERT_ONEDNN") != "0" and platform.machine().lower() in ("x86_64", "amd64")
-          and torch.backends.mkldnn.is_available())
+from nanobert.training import cpu_vendor_and_model
+
+
+def use_onednn(setting, machine, vendor, available):
+    """The rule: oneDNN's Linears on x86 CPUs not made by Intel (where MKL is slow), when torch
+    has oneDNN; `setting` ($NANOBERT_ONEDNN: "1", "0" or None) overrides the vendor rule."""
+    if setting not in (None, "", "0", "1"):
+        raise ValueError(f"NANOBERT_ONEDNN must be 0 or 1, got {setting!r}")
+    if not available or machine.lower() not in ("x86_64", "amd64"):
+        return False
+    if setting:
+        return setting == "1"
+    return vendor != "GenuineIntel"
+
+
+ONEDNN = use_onednn(os.environ.get("NANOBERT_ONEDNN"), platform.machine(), cpu_vendor_and_model()[0],
+                    torch.backends.mkldnn.is_available())
 
 
 def linear(x, weight, bias=None):

@@ -1,6 +1,8 @@
-"""The torch twin's Linear (nanobert/torch_cpu.py): on an x86 CPU its three matmuls run on
-oneDNN, with a hand-written backward. It must give F.linear's output and gradients (up to
-fp32 summation order) for every kind of shape the model has, and be what the model runs."""
+"""The torch twin's Linear (nanobert/torch_cpu.py): on x86 CPUs not made by Intel its three
+matmuls run on oneDNN, with a hand-written backward. It must give F.linear's output and
+gradients (up to fp32 summation order) for every kind of shape the model has, and be what the
+model runs where the vendor rule picks it. The oneDNN path is tested on every x86 machine
+(forced on where the rule would pick MKL)."""
 
 import os
 import platform
@@ -12,8 +14,18 @@ import torch
 import torch.nn.functional as F
 
 from nanobert import torch_cpu
+from nanobert.training import cpu_vendor_and_model
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
+HAS_ONEDNN = X86 and torch.backends.mkldnn.is_available()
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """torch_cpu.linear on oneDNN, whatever this CPU's vendor."""
+    if not HAS_ONEDNN:
+        pytest.skip("oneDNN is used on x86 CPUs only; elsewhere Linear is F.linear")
+    monkeypatch.setattr(torch_cpu, "ONEDNN", True)
 
 
 def ran_onednn(y):
@@ -35,7 +47,8 @@ def forward_and_grads(fn, x, weight, bias, grad):
     ((2, 0, 16), 8),   # no rows (F.linear: oneDNN builds no inner product over 0 rows)
 ])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_matches_f_linear_forward_and_backward(x_shape, n, with_bias):
+def test_matches_f_linear_forward_and_backward(x_shape, n, with_bias, monkeypatch):
+    monkeypatch.setattr(torch_cpu, "ONEDNN", HAS_ONEDNN)
     torch.manual_seed(0)
     x = torch.randn(*x_shape, requires_grad=True)
     weight = torch.randn(n, x_shape[-1], requires_grad=True)
@@ -51,8 +64,9 @@ def test_matches_f_linear_forward_and_backward(x_shape, n, with_bias):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=what)
 
 
-def test_frozen_weight_gets_no_gradient_and_grads_accumulate():
+def test_frozen_weight_gets_no_gradient_and_grads_accumulate(monkeypatch):
     """LoRA freezes the base weight (no weight gradient computed); .grad accumulates over calls."""
+    monkeypatch.setattr(torch_cpu, "ONEDNN", HAS_ONEDNN)
     torch.manual_seed(0)
     layer = torch_cpu.Linear(16, 40)
     layer.weight.requires_grad_(False)
@@ -64,13 +78,28 @@ def test_frozen_weight_gets_no_gradient_and_grads_accumulate():
     torch.testing.assert_close(x.grad, 2 * layer.weight.sum(0).expand(4, 16))
 
 
-@pytest.mark.skipif(not X86, reason="oneDNN is used on x86 CPUs only; elsewhere Linear is F.linear")
-def test_the_model_runs_onednn_on_an_x86_cpu(monkeypatch):
-    """Where torch has oneDNN, the Linears go through it (else the speed in the README is not
-    what runs); float64, and torch's switch for oneDNN set off, fall back to F.linear."""
-    assert torch_cpu.ONEDNN == torch.backends.mkldnn.is_available()
-    if not torch_cpu.ONEDNN:
-        pytest.skip("this torch build has no oneDNN")
+def test_the_rule_picks_onednn_off_intel_and_mkl_on_intel():
+    rule = torch_cpu.use_onednn
+    assert rule(None, "x86_64", "AuthenticAMD", True) and rule("", "AMD64", "HygonGenuine", True)
+    assert not rule(None, "x86_64", "GenuineIntel", True)
+    assert rule("1", "x86_64", "GenuineIntel", True) and not rule("0", "x86_64", "AuthenticAMD", True)
+    assert not rule("1", "x86_64", "AuthenticAMD", False) and not rule("1", "arm64", "", True)
+    with pytest.raises(ValueError, match="NANOBERT_ONEDNN must be 0 or 1, got 'yes'"):
+        rule("yes", "x86_64", "AuthenticAMD", True)
+
+
+def test_this_machine_runs_what_the_rule_picks():
+    vendor, model = cpu_vendor_and_model()
+    assert model  # bench.py names it
+    assert torch_cpu.ONEDNN == torch_cpu.use_onednn(os.environ.get("NANOBERT_ONEDNN"), platform.machine(), vendor,
+                                                    torch.backends.mkldnn.is_available())
+    x = torch.randn(2, 16, requires_grad=True)
+    assert ran_onednn(torch_cpu.Linear(16, 8)(x)) == torch_cpu.ONEDNN
+
+
+def test_the_model_runs_onednn_when_on(onednn, monkeypatch):
+    """When on, the Linears go through oneDNN (else the speed in docs/cpu-speed.md is not what
+    runs); float64, and torch's switch for oneDNN set off, fall back to F.linear."""
     x = torch.randn(2, 16, requires_grad=True)
     assert ran_onednn(torch_cpu.Linear(16, 8)(x))
     assert not ran_onednn(torch_cpu.Linear(16, 8).double()(x.double()))
@@ -78,16 +107,18 @@ def test_the_model_runs_onednn_on_an_x86_cpu(monkeypatch):
     assert not ran_onednn(torch_cpu.Linear(16, 8)(x))
 
 
-def test_nanobert_onednn_0_turns_it_off():
-    env = {**os.environ, "NANOBERT_ONEDNN": "0"}
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_nanobert_onednn_overrides_the_rule(setting):
+    env = {**os.environ, "NANOBERT_ONEDNN": setting}
     out = subprocess.run([sys.executable, "-c", "from nanobert import torch_cpu; print(torch_cpu.ONEDNN)"],
                          env=env, capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "False", out.stderr
+    assert out.stdout.strip() == str(setting == "1" and HAS_ONEDNN), out.stderr
 
 
-def test_under_torch_compile_it_is_f_linear():
+def test_under_torch_compile_it_is_f_linear(monkeypatch):
     """torch.compile (--compile) cannot lower the oneDNN op with trainable weights: compiled,
     Linear is F.linear, with the same output and gradients as eager."""
+    monkeypatch.setattr(torch_cpu, "ONEDNN", HAS_ONEDNN)
     torch.manual_seed(0)
     layer = torch_cpu.Linear(16, 8)
     x = torch.randn(3, 16)

@@ -3,6 +3,7 @@ polynomial exp/erf behind softmax, GELU and logsumexp are accurate, gradients in
 The BLAS cases run in a fresh process: the preload must happen before MLX is first
 imported, which only a new process can show."""
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -67,11 +68,34 @@ def test_blas_matmul_is_right_over_shapes_and_transposes():
 
 
 def test_torch_fallback_works():
-    """No system OpenBLAS: torch's own libtorch_cpu.so serves sgemm_ (see README numbers)."""
+    """No OpenBLAS: torch's own libtorch_cpu.so serves sgemm_ (docs/cpu-speed.md)."""
     import importlib.util
     torch_lib = os.path.join(importlib.util.find_spec("torch").submodule_search_locations[0], "lib", "libtorch_cpu.so")
     lines, err = run_probe({"NANOBERT_BLAS": torch_lib})
     assert lines["LOADED"] == torch_lib and float(lines["ERR"]) < 1e-3, err
+
+
+def test_pypi_openblas_is_built_once_cached_and_serves_mlx(tmp_path):
+    """scipy-openblas32 (requirements.txt) reaches MLX through openblas_shim.c, compiled on
+    first use into the cache and reused after; with no C compiler MLX falls back, warned."""
+    build = "from nanobert import mlx_cpu\nprint('SHIM', mlx_cpu._pypi_openblas())\n"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "NANOBERT_BLAS": "none"}
+    run = lambda env: subprocess.run([sys.executable, "-c", build], cwd=ROOT, capture_output=True, text=True, env=env,
+                                     timeout=120)
+    first = run(env)
+    shim = first.stdout.split()[-1]
+    assert first.returncode == 0 and shim.startswith(str(tmp_path / "nanobert")) and os.path.exists(shim), first.stderr
+    built = os.stat(shim).st_mtime_ns
+    assert run({**env, "CC": "/nonexistent/cc"}).stdout.split()[-1] == shim  # cached: no compiler needed
+    assert os.stat(shim).st_mtime_ns == built and os.listdir(tmp_path / "nanobert") == [os.path.basename(shim)]
+    lines, err = run_probe({"NANOBERT_BLAS": shim})
+    assert lines["LOADED"] == shim and float(lines["ERR"]) < 1e-3, err
+    lib = ctypes.CDLL(shim)  # what bench.py asks it: the kernels OpenBLAS picked for this CPU
+    lib.openblas_get_corename.restype = ctypes.c_char_p
+    assert lib.openblas_get_corename() and lib.openblas_get_num_threads() >= 1
+    no_cc = run({**env, "XDG_CACHE_HOME": str(tmp_path / "other"), "CC": "/nonexistent/cc"})
+    assert no_cc.stdout.split()[-1] == "None" and "could not build" in no_cc.stderr
+    assert not os.listdir(tmp_path / "other" / "nanobert")  # no half-written file left
 
 
 def test_missing_blas_warns_once_and_still_computes():

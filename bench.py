@@ -46,7 +46,7 @@ import nanobert.model_mlx as MM
 import nanobert.model_torch as MT
 from nanobert import mlx_cpu, torch_cpu
 from nanobert.mlm_data import mask_tokens
-from nanobert.training import micro_batches, peak_rss_mb
+from nanobert.training import cpu_vendor_and_model, micro_batches, peak_rss_mb, run_info
 
 import mlx.core as mx  # noqa: E402  (after nanobert.mlx_cpu)
 import torch  # noqa: E402
@@ -332,10 +332,13 @@ def main():
     # twin oneDNN's where it uses it, the MLX twin MLX's matmul
     impl_peak = {"hf": peaks["torch"], "torch": peaks.get("onednn", peaks["torch"]), "mlx": peaks["mlx"]}
     gpu = f"{torch.cuda.get_device_name()}, bf16 (torch: autocast; MLX: {mx.default_device()}), " if CUDA else ""
-    machine = f"{gpu}{platform.machine()}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__} " \
-              f"({torch.get_num_threads()} threads), mlx {mx.__version__} (BLAS: {mlx_cpu.loaded_blas()}{blas_kernels()}, " \
-              f"{len(EM.STREAMS)} streams, training step {'compiled' if EM.COMPILE else 'eager'}), " \
-              f"transformers {transformers.__version__}"
+    cpu = cpu_vendor_and_model()[1]
+    linears = "oneDNN" if torch_cpu.ONEDNN else torch.backends.cpu.get_cpu_capability() + " " + (
+        "MKL" if torch.backends.mkl.is_available() else "BLAS")
+    machine = f"{gpu}{cpu} ({platform.machine()}), {os.cpu_count()} cores, {platform.system()}; torch " \
+              f"{torch.__version__} ({torch.get_num_threads()} threads, the twin's Linears on {linears}), mlx " \
+              f"{mx.__version__} (BLAS: {mlx_cpu.loaded_blas()}{blas_kernels()}, {len(EM.STREAMS)} streams, " \
+              f"training step {'compiled' if EM.COMPILE else 'eager'}), transformers {transformers.__version__}"
     print(f"machine: {machine}\nGEMM peak ({'8192^3 bf16' if CUDA else '2048^3 fp32'}): "
           f"torch {peaks['torch']:.0f} GFLOP/s, "
           + (f"oneDNN (the torch twin's Linears) {peaks['onednn']:.0f} GFLOP/s, " if "onednn" in peaks else "")
@@ -369,9 +372,9 @@ def main():
                   flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "gemm_peak_gflops": peaks, "repeats": args.repeats, "results": results,
-                       "peak_rss_of_this_process_mib": peak_rss_mb()}, f,
-                      indent=1)
+            json.dump({**run_info(), "machine": machine, "torch_linears": linears, "mlx_blas": mlx_cpu.loaded_blas(),
+                       "gemm_peak_gflops": peaks, "repeats": args.repeats, "results": results,
+                       "peak_rss_of_this_process_mib": peak_rss_mb()}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from nanobert import checkpoint, mlm_data
 from nanobert.config import BertConfig
 from nanobert.tokenizer import load_tokenizer, special_ids
-from nanobert.training import check_schedule, configure, fit, load_backend, main_guard, peak_rss_mb
+from nanobert.training import check_schedule, configure, fit, load_backend, main_guard, peak_rss_mb, save_run_record
 
 DEFAULTS = dict(
     backend="torch",                  # torch | mlx
@@ -176,6 +176,7 @@ def main():
               + "".join(f"; final {k} {v:.4g}" for k, v in final.items())
               + f"; training {run['train_s']:.0f} s, {run['tokens'] / max(run['train_s'], 1e-9):.0f} tokens/s; "
               f"peak RSS {peak_rss_mb():.0f} MiB; curves in {os.path.join(cfg.out_dir, 'metrics.png')}")
+        save_run_record(cfg, run, best_val_accuracy=run["best"], **final)
 
 
 def heldout_batches(cfg, split, specials, vocab_size, vocab_hash):

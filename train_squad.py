@@ -24,7 +24,7 @@ from tqdm import tqdm
 from nanobert import checkpoint, hub, squad
 from nanobert.tokenizer import load_tokenizer
 from nanobert.training import (EpochLoader, SettingsError, batch_indices, check_schedule, configure, fit, load_backend,
-                               main_guard, peak_rss_mb)
+                               main_guard, peak_rss_mb, save_run_record)
 from nanobert.weights import ADAPTER_NAME
 
 DEFAULTS = dict(
@@ -160,6 +160,7 @@ def main():
           f"{run['steps']} steps ({run['train_s'] / max(run['steps'], 1):.2f} s/step, "
           f"{run['tokens'] / max(run['train_s'], 1e-9):.0f} tokens/s); trainable parameters {trainable:,}; "
           f"saved {os.path.getsize(saved) / 2**20:.1f} MiB; peak RSS {peak_rss_mb():.0f} MiB")
+    save_run_record(cfg, run, trainable_parameters=trainable, saved_mib=round(os.path.getsize(saved) / 2**20, 2))
     model, tokenizer = load_qa_model(models, best_dir)
     if cfg.lora:  # fold the adapters into the base weights: a plain BERT checkpoint again
         models.merge_lora(model).save_pretrained(os.path.join(cfg.out_dir, "merged"))

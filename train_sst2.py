@@ -19,7 +19,8 @@ import numpy as np
 
 from nanobert import checkpoint, glue, hub
 from nanobert.tokenizer import load_tokenizer
-from nanobert.training import EpochLoader, check_schedule, configure, fit, load_backend, main_guard, peak_rss_mb
+from nanobert.training import (EpochLoader, check_schedule, configure, fit, load_backend, main_guard, peak_rss_mb,
+                               save_run_record)
 
 DEFAULTS = dict(
     backend="torch",            # torch | mlx
@@ -101,6 +102,7 @@ def main():
         print(f"best dev {glue.BEST_METRIC[cfg.task]} {run['best']:.2f} (model in {os.path.join(cfg.out_dir, 'best')}); "
               f"training {run['train_s']:.0f} s, {run['tokens'] / max(run['train_s'], 1e-9):.0f} tokens/s, "
               f"peak RSS {peak_rss_mb():.0f} MiB")
+        save_run_record(cfg, run)
 
 
 def predict(cfg, models, E):

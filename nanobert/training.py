@@ -11,6 +11,8 @@ import importlib
 import json
 import math
 import os
+import platform
+import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -247,6 +249,54 @@ def keep_freed_memory():
         libc.mallopt(M_TRIM_THRESHOLD, -1)  # ... and kept there when freed (-1: never trim)
 
 
+# --- run records (results/, rendered into README.md and docs/ by nanobert.report) ----------
+
+def cpu_vendor_and_model():
+    """('GenuineIntel' | 'AuthenticAMD' | ..., 'model name') of this machine's CPU, from
+    /proc/cpuinfo on Linux; elsewhere ('', platform.processor())."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())  # the first CPU's (all are alike)
+    except OSError:
+        return "", platform.processor()
+    return fields.get("vendor_id", ""), fields.get("model name", platform.processor())
+
+
+def run_info():
+    """What a run or benchmark ran on and with: command, git commit (+ whether tracked files
+    had uncommitted changes), CPU, cores, package versions. Part of every record."""
+    from importlib import metadata
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout
+    try:
+        commit, dirty = git("rev-parse", "--short=12", "HEAD").strip() or None, bool(git("status", "--porcelain",
+                                                                                          "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, False
+    versions = {}
+    for package in ("torch", "mlx", "transformers", "numpy", "tokenizers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"command": " ".join(["python"] + sys.argv), "commit": commit, "dirty": dirty,
+            "date": time.strftime("%Y-%m-%d"), "cpu": cpu_vendor_and_model()[1], "cores": os.cpu_count(),
+            "python": platform.python_version(), "versions": versions}
+
+
+def save_run_record(cfg, run, **metrics):
+    """out_dir/run.json: the run's record (run_info, settings, training seconds, tokens, steps,
+    peak RSS, the last evaluation's metrics + `metrics`). Copied into results/, it is what the
+    README's tables are rendered from."""
+    record = {**run_info(), "settings": vars(cfg), "train_s": round(run["train_s"], 1), "tokens": run["tokens"],
+              "steps": run["steps"], "peak_rss_mib": round(peak_rss_mb()), "metrics": {**run["metrics"], **metrics}}
+    with atomic_path(os.path.join(cfg.out_dir, "run.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+
+
 # --- distributed environment (launcher side) -----------------------------------------------
 
 def launched_world_size():
@@ -382,7 +432,8 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
     trim: cut micro-batches to their longest row, rounded up to a multiple of E.PAD_MULTIPLE
     (off to measure fixed padding).
     Returns {"best": best value of best_metric, "train_s": seconds spent in training steps,
-    "tokens": non-padding tokens trained on, "steps": optimizer steps taken} (this run only).
+    "tokens": non-padding tokens trained on, "steps": optimizer steps taken, "metrics": the
+    last evaluation's} (this process's run only: a resumed run counts from its resume).
     """
     from tqdm import tqdm
     from nanobert import checkpoint
@@ -397,7 +448,7 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
         best = resume.state["best"] if os.path.isdir(os.path.join(cfg.out_dir, "best")) else None
     log = MetricsLog(cfg.out_dir, resume_step=step if resume is not None else None, enabled=master,
                      report_to=cfg.report_to)
-    run = {"best": best, "train_s": 0.0, "tokens": 0, "steps": 0}  # this process's run, for the caller
+    run = {"best": best, "train_s": 0.0, "tokens": 0, "steps": 0, "metrics": {}}  # this process's run, for the caller
     # sums since the last log line; it logs the mean loss over those steps, as HF Trainer does
     # (one batch's loss is too noisy to compare runs by)
     window_tokens, window_s, window_loss, window_steps = 0, 0.0, 0.0, 0
@@ -430,7 +481,7 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
                      **(extra_state or {})}
             weights = model_state()
             if evaluating:
-                metrics = state["metrics"] = evaluate(step)
+                metrics = state["metrics"] = run["metrics"] = evaluate(step)
                 log.log(step, **metrics)
                 tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
                 if best is None or metrics[best_metric] > best:

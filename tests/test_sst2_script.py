@@ -1,6 +1,9 @@
 """train_sst2.py beyond the machinery tests: dynamic padding changes no logit, --predict on a
 sentence and on a pair, an MRPC-format run on synthetic pairs, bad TSV input."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -51,6 +54,12 @@ def test_mrpc_pairs_train_and_predict(backend, tiny_model_dir, mrpc_dir, tmp_pat
                          f"--out_dir={tmp_path}", f"--backend={backend}", "--batch_size=8", "--epochs=2",
                          "--lr=1e-3", "--log_every=1"]))
     assert "32 train / 12 dev examples" in out.stdout and "best dev f1" in out.stdout
+    # the run's record (results/ holds such files; nanobert.report renders the README from them)
+    record = json.loads((tmp_path / "run.json").read_text())
+    last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["settings"]["backend"] == backend and record["steps"] == 8 and record["cores"] == os.cpu_count()
+    assert record["metrics"] == {k: last[k] for k in ("dev_accuracy", "dev_f1")} and record["train_s"] > 0
+    assert record["command"].startswith("python train_sst2.py --task=mrpc") and record["versions"]["numpy"]
     pred = ok(run_script(["train_sst2.py", "--task=mrpc", f"--init={tmp_path / 'best'}", f"--backend={backend}",
                           "--predict=the movie was good .", "--pair=a great film ."]))
     label, prob = pred.stdout.strip().split("\t")

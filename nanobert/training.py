@@ -266,14 +266,15 @@ def cpu_vendor_and_model():
 
 
 def run_info():
-    """What a run or benchmark ran on and with: command, git commit (+ whether tracked files
+    """What a run or benchmark ran on and with: command, git commit (+ whether the code it runs
     had uncommitted changes), CPU, cores, package versions. Part of every record."""
     from importlib import metadata
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout
     try:
-        commit, dirty = git("rev-parse", "--short=12", "HEAD").strip() or None, bool(git("status", "--porcelain",
-                                                                                          "--untracked-files=no"))
+        commit = git("rev-parse", "--short=12", "HEAD").strip() or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "nanobert", "*.py", "configs",
+                         "requirements.txt", ":(exclude)nanobert/report.py", ":(exclude)tests", ":(exclude)parity"))
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, False
     versions = {}
@@ -291,7 +292,7 @@ def save_run_record(cfg, run, **metrics):
     """out_dir/run.json: the run's record (run_info, settings, training seconds, tokens, steps,
     peak RSS, the last evaluation's metrics + `metrics`). Copied into results/, it is what the
     README's tables are rendered from."""
-    record = {**run_info(), "settings": vars(cfg), "train_s": round(run["train_s"], 1), "tokens": run["tokens"],
+    record = {**run["info"], "settings": vars(cfg), "train_s": round(run["train_s"], 1), "tokens": run["tokens"],
               "steps": run["steps"], "peak_rss_mib": round(peak_rss_mb()), "metrics": {**run["metrics"], **metrics}}
     with atomic_path(os.path.join(cfg.out_dir, "run.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
@@ -433,7 +434,8 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
     (off to measure fixed padding).
     Returns {"best": best value of best_metric, "train_s": seconds spent in training steps,
     "tokens": non-padding tokens trained on, "steps": optimizer steps taken, "metrics": the
-    last evaluation's} (this process's run only: a resumed run counts from its resume).
+    last evaluation's, "info": run_info() at the start} (this process's run only: a resumed
+    run counts from its resume).
     """
     from tqdm import tqdm
     from nanobert import checkpoint
@@ -448,7 +450,8 @@ def fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, best_metr
         best = resume.state["best"] if os.path.isdir(os.path.join(cfg.out_dir, "best")) else None
     log = MetricsLog(cfg.out_dir, resume_step=step if resume is not None else None, enabled=master,
                      report_to=cfg.report_to)
-    run = {"best": best, "train_s": 0.0, "tokens": 0, "steps": 0, "metrics": {}}  # this process's run, for the caller
+    # this process's run, for the caller (and its record: what it ran is known at its start)
+    run = {"best": best, "train_s": 0.0, "tokens": 0, "steps": 0, "metrics": {}, "info": run_info()}
     # sums since the last log line; it logs the mean loss over those steps, as HF Trainer does
     # (one batch's loss is too noisy to compare runs by)
     window_tokens, window_s, window_loss, window_steps = 0, 0.0, 0.0, 0

@@ -292,7 +292,7 @@ def save_run_record(cfg, run, **metrics):
     """out_dir/run.json: the run's record (run_info, settings, training seconds, tokens, steps,
     peak RSS, the last evaluation's metrics + `metrics`). Copied into results/, it is what the
     README's tables are rendered from."""
-    record = {**run["info"], "settings": vars(cfg), "train_s": round(run["train_s"], 1), "tokens": run["tokens"],
+    record = {**run["info"], "settings": vars(cfg), "train_s": round(run["train_s"], 3), "tokens": run["tokens"],
               "steps": run["steps"], "peak_rss_mib": round(peak_rss_mb()), "metrics": {**run["metrics"], **metrics}}
     with atomic_path(os.path.join(cfg.out_dir, "run.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)

@@ -28,4 +28,8 @@ test: $(VENV)/.dev
 parity: $(VENV)/.dev
 	$(BIN)/python -m pytest parity
 
-.PHONY: setup demo test parity
+# re-render README.md's and docs/'s tables from the run records in results/
+results: $(VENV)/.runtime
+	$(BIN)/python -m nanobert.report
+
+.PHONY: setup demo test parity results

@@ -325,6 +325,7 @@ def main():
         return
     if args.alone and CUDA:
         sys.exit("bench.py: error: --alone measures CPU processes (RSS); on a GPU the table gives step memory")
+    info = run_info()  # the code as it was when the run began
     peaks = {"torch": gemm_peak("torch"), "mlx": gemm_peak("mlx")}
     if torch_cpu.ONEDNN and not CUDA:
         peaks["onednn"] = gemm_peak("onednn")
@@ -372,7 +373,8 @@ def main():
                   flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**run_info(), "machine": machine, "torch_linears": linears, "mlx_blas": mlx_cpu.loaded_blas(),
+            json.dump({**info, "machine": machine, "gpu": torch.cuda.get_device_name() if CUDA else None,
+                       "torch_linears": "F.linear (cuBLAS)" if CUDA else linears, "mlx_blas": mlx_cpu.loaded_blas(),
                        "gemm_peak_gflops": peaks, "repeats": args.repeats, "results": results,
                        "peak_rss_of_this_process_mib": peak_rss_mb()}, f, indent=1)
 

@@ -252,8 +252,9 @@ def keep_freed_memory():
 # --- run records (results/, rendered into README.md and docs/ by nanobert.report) ----------
 
 def cpu_vendor_and_model():
-    """('GenuineIntel' | 'AuthenticAMD' | ..., 'model name') of this machine's CPU, from
-    /proc/cpuinfo on Linux; elsewhere ('', platform.processor())."""
+    """('GenuineIntel' | 'AuthenticAMD' | ..., 'model name (family F model M)') of this
+    machine's CPU, from /proc/cpuinfo on Linux (family and model tell CPUs apart where a
+    virtual machine's name does not); elsewhere ('', platform.processor())."""
     fields = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -262,7 +263,10 @@ def cpu_vendor_and_model():
                 fields.setdefault(key.strip(), value.strip())  # the first CPU's (all are alike)
     except OSError:
         return "", platform.processor()
-    return fields.get("vendor_id", ""), fields.get("model name", platform.processor())
+    name = fields.get("model name", platform.processor())
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return fields.get("vendor_id", ""), name
 
 
 def run_info():

@@ -41,6 +41,7 @@ DEFAULTS = dict(
     val_fraction=0.1,
     test_fraction=0.0,
     mlm_prob=0.15,
+    whole_word_mask=False,            # mask all WordPieces of a chosen word together (BERT's later recipe)
     # model (BERT hyper-parameters, HF names)
     num_hidden_layers=2,
     hidden_size=128,
@@ -78,10 +79,11 @@ class MLMBatches:
     """Global batches from a ShardStream, masked with an rng drawn from (seed, batch number):
     the masks are new every time a sample comes round, and a resumed run draws the same ones."""
 
-    def __init__(self, stream, global_batch, specials, vocab_size, mlm_prob, seed, pad_multiple):
+    def __init__(self, stream, global_batch, specials, vocab_size, mlm_prob, seed, pad_multiple, continuation):
         self.stream, self.global_batch, self.specials = stream, global_batch, specials
         self.vocab_size, self.mlm_prob, self.seed, self.count = vocab_size, mlm_prob, seed, 0
         self.pad_multiple = pad_multiple  # the engine's E.PAD_MULTIPLE: few shapes for a compiled step
+        self.continuation = continuation  # whole-word masking: mlm_data.continuation_ids, else None
 
     @property
     def epoch(self):
@@ -91,7 +93,8 @@ class MLMBatches:
         samples = [next(self.stream) for _ in range(self.global_batch)]
         rng = np.random.default_rng([self.seed, self.count])
         self.count += 1
-        return mlm_data.mlm_batch(samples, rng, self.specials, self.vocab_size, self.mlm_prob, self.pad_multiple)
+        return mlm_data.mlm_batch(samples, rng, self.specials, self.vocab_size, self.mlm_prob, self.pad_multiple,
+                                  self.continuation)
 
     def state_dict(self):
         return {"stream": self.stream.state_dict(), "count": self.count}
@@ -122,11 +125,13 @@ def main():
     tokenizer = load_tokenizer(cfg.data_dir)
     specials, vocab_size = special_ids(tokenizer), tokenizer.get_vocab_size()
     vocab_hash = summary["vocab_sha256"]
+    continuation = mlm_data.continuation_ids(tokenizer) if cfg.whole_word_mask else None
     stream = mlm_data.ShardStream(os.path.join(cfg.data_dir, "train-*.msgpack"), seed=cfg.seed,
                                   expect_vocab_hash=vocab_hash, expect_max_len=cfg.max_len)
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    loader = MLMBatches(stream, global_batch, specials, vocab_size, cfg.mlm_prob, cfg.seed, E.PAD_MULTIPLE)
-    val_batches = heldout_batches(cfg, "val", specials, vocab_size, vocab_hash)
+    loader = MLMBatches(stream, global_batch, specials, vocab_size, cfg.mlm_prob, cfg.seed, E.PAD_MULTIPLE,
+                        continuation)
+    val_batches = heldout_batches(cfg, "val", specials, vocab_size, vocab_hash, continuation)
     baseline = unigram_accuracy(stream, val_batches, vocab_size)
     max_iters = cfg.max_steps
     warmup_iters = round(cfg.warmup * max_iters) if cfg.warmup < 1 else int(cfg.warmup)
@@ -169,7 +174,7 @@ def main():
               panels=[("loss", ["loss", "val_loss"]), ("masked-token accuracy (%)", ["val_accuracy", "unigram_accuracy"]),
                       ("learning rate", ["lr"])])
     if master:
-        test = heldout_batches(cfg, "test", specials, vocab_size, vocab_hash)
+        test = heldout_batches(cfg, "test", specials, vocab_size, vocab_hash, continuation)
         final = mlm_metrics(E, model, test, "test") if test else {}
         print(f"best validation accuracy {run['best']:.2f}% (unigram baseline {baseline:.2f}%), model in "
               f"{os.path.join(cfg.out_dir, 'best')}"
@@ -179,13 +184,14 @@ def main():
         save_run_record(cfg, run, best_val_accuracy=run["best"], **final)
 
 
-def heldout_batches(cfg, split, specials, vocab_size, vocab_hash):
-    """The `split` shards as batches of 64, masked once with a fixed seed (comparable evaluations)."""
+def heldout_batches(cfg, split, specials, vocab_size, vocab_hash, continuation=None):
+    """The `split` shards as batches of 64, masked once with a fixed seed (comparable evaluations),
+    as training masks them (continuation: whole words)."""
     pattern = os.path.join(cfg.data_dir, f"{split}-*.msgpack")
     samples = mlm_data.read_split(pattern, vocab_hash, cfg.max_len) if glob.glob(pattern) else []
     samples = samples[:cfg.eval_samples] if cfg.eval_samples else samples
     rng = np.random.default_rng([cfg.seed, 12345])
-    return [mlm_data.mlm_batch(samples[i:i + 64], rng, specials, vocab_size, cfg.mlm_prob)
+    return [mlm_data.mlm_batch(samples[i:i + 64], rng, specials, vocab_size, cfg.mlm_prob, continuation=continuation)
             for i in range(0, len(samples), 64)]
 
 
@@ -231,7 +237,8 @@ def show_checkpoint(cfg, models, E):
     split = "test" if any(f.startswith("test-") for f in os.listdir(cfg.data_dir)) else "val"
     samples = mlm_data.read_split(os.path.join(cfg.data_dir, f"{split}-*.msgpack"))
     batch = mlm_data.mlm_batch(samples[:1], np.random.default_rng(cfg.seed), special_ids(tokenizer),
-                               tokenizer.get_vocab_size(), cfg.mlm_prob)
+                               tokenizer.get_vocab_size(), cfg.mlm_prob,
+                               continuation=mlm_data.continuation_ids(tokenizer) if cfg.whole_word_mask else None)
     print(show_predictions(tokenizer, E, model, batch, color=sys.stdout.isatty()))
 
 

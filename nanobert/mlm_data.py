@@ -346,7 +346,12 @@ def num_mask_slots(batch_size, seq_len, mlm_prob=0.15):
     return max(1, min(n, math.ceil(n * mlm_prob + 6 * math.sqrt(n * mlm_prob * (1 - mlm_prob)))))
 
 
-def mask_tokens(input_ids, rng, special_ids, vocab_size, mask_id, mlm_prob=0.15):
+def continuation_ids(tokenizer):
+    """(V,) bool: which vocabulary ids are a word's later WordPieces ('##ing'), for whole-word masking."""
+    return np.array([tokenizer.id_to_token(i).startswith("##") for i in range(tokenizer.get_vocab_size())])
+
+
+def mask_tokens(input_ids, rng, special_ids, vocab_size, mask_id, mlm_prob=0.15, continuation=None):
     """BERT's masking of a padded batch, drawn afresh from `rng` (a numpy Generator) at every call.
 
     input_ids: (B, T) ints. Every token whose id is not in `special_ids` ([PAD], [CLS], [SEP],
@@ -355,6 +360,9 @@ def mask_tokens(input_ids, rng, special_ids, vocab_size, mask_id, mlm_prob=0.15)
     80% of the time, a random token 10% and stays itself 10% (Devlin et al. 2019). The random
     token is uniform over the vocabulary minus `special_ids` (HF draws from the whole vocabulary;
     leaving the specials out costs one comparison per special id).
+    continuation: `continuation_ids(tokenizer)` for whole-word masking (the later BERT
+    release's recipe): words, not tokens, are chosen with probability mlm_prob, and all of a
+    chosen word's WordPieces are masked together, each with its own 80/10/10 draw.
     Returns
       masked_input_ids (B, T) int32,
       labels (B, T) int32: the original id where chosen, -100 elsewhere,
@@ -366,12 +374,15 @@ def mask_tokens(input_ids, rng, special_ids, vocab_size, mask_id, mlm_prob=0.15)
     input_ids = np.asarray(input_ids)
     special_ids = np.unique(np.fromiter(special_ids, np.int64))
     eligible = ~np.isin(input_ids, special_ids).ravel()
-    chosen = np.flatnonzero(eligible & (rng.random(eligible.size) < mlm_prob))
-    if chosen.size == 0 and eligible.any():
-        chosen = rng.choice(np.flatnonzero(eligible), 1)
     slots = num_mask_slots(*input_ids.shape, mlm_prob)
-    if chosen.size > slots:
-        chosen = np.sort(rng.choice(chosen, slots, replace=False))
+    if continuation is None:
+        chosen = np.flatnonzero(eligible & (rng.random(eligible.size) < mlm_prob))
+        if chosen.size == 0 and eligible.any():
+            chosen = rng.choice(np.flatnonzero(eligible), 1)
+        if chosen.size > slots:
+            chosen = np.sort(rng.choice(chosen, slots, replace=False))
+    else:
+        chosen = _whole_words(input_ids.ravel(), eligible, continuation, rng, mlm_prob, slots)
     masked = input_ids.astype(np.int32).ravel()  # a copy
     labels = np.full(masked.size, -100, np.int32)
     labels[chosen] = masked[chosen]
@@ -380,6 +391,29 @@ def mask_tokens(input_ids, rng, special_ids, vocab_size, mask_id, mlm_prob=0.15)
     randomized = chosen[(action >= 0.8) & (action < 0.9)]
     masked[randomized] = _random_ordinary_ids(rng, randomized.size, vocab_size, special_ids)
     return masked.reshape(input_ids.shape), labels.reshape(input_ids.shape), sparse_positions(labels, slots)
+
+
+def _whole_words(flat_ids, eligible, continuation, rng, mlm_prob, slots):
+    """Flat indices of the tokens of whole words chosen with probability mlm_prob; whole words
+    dropped at random while they would overflow `slots`; at least one word that fits, so the
+    loss is defined. A word starts at an eligible token that is not a '##' piece following
+    another eligible token."""
+    follows = np.concatenate([[False], eligible[:-1]])
+    starts = eligible & ~(continuation[flat_ids] & follows)
+    word = np.cumsum(starts) - 1  # each eligible token's word (its start's rank)
+    n_words = int(starts.sum())
+    if n_words == 0:
+        return np.zeros(0, np.int64)
+    picked = rng.random(n_words) < mlm_prob
+    sizes = np.bincount(word[eligible], minlength=n_words)
+    if sizes[picked].sum() > slots:  # keep a random subset of the picked words that fits
+        order = rng.permutation(np.flatnonzero(picked))
+        picked[:] = False
+        picked[order[np.cumsum(sizes[order]) <= slots]] = True
+    fits = np.flatnonzero(sizes <= slots)
+    if not picked.any() and fits.size:
+        picked[rng.choice(fits)] = True
+    return np.flatnonzero(eligible & picked[np.maximum(word, 0)])
 
 
 def _random_ordinary_ids(rng, n, vocab_size, sorted_special_ids):
@@ -391,8 +425,8 @@ def _random_ordinary_ids(rng, n, vocab_size, sorted_special_ids):
     return ids
 
 
-def mlm_batch(samples, rng, specials, vocab_size, mlm_prob=0.15, pad_to_multiple_of=1):
-    """Pad samples to the longest and mask them (`mask_tokens`).
+def mlm_batch(samples, rng, specials, vocab_size, mlm_prob=0.15, pad_to_multiple_of=1, continuation=None):
+    """Pad samples to the longest and mask them (`mask_tokens`; continuation: whole words).
 
     samples: list of (L,) int arrays, each [CLS] ... [SEP]; specials: `special_ids(tokenizer)`.
     pad_to_multiple_of > 1 rounds T up, so a compiled step sees fewer shapes.
@@ -404,7 +438,8 @@ def mlm_batch(samples, rng, specials, vocab_size, mlm_prob=0.15, pad_to_multiple
     for row, sample in enumerate(samples):
         input_ids[row, :len(sample)] = sample
         attention_mask[row, :len(sample)] = 1
-    masked, labels, positions = mask_tokens(input_ids, rng, specials.values(), vocab_size, specials["mask"], mlm_prob)
+    masked, labels, positions = mask_tokens(input_ids, rng, specials.values(), vocab_size, specials["mask"], mlm_prob,
+                                            continuation)
     return {"input_ids": masked, "attention_mask": attention_mask, "token_type_ids": np.zeros_like(input_ids),
             "labels": labels, "masked_positions": positions}
 

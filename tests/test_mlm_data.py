@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nanobert.mlm_data import (
-    ShardStream, encode_sentences, mask_tokens, mlm_batch, num_mask_slots, prepare, read_documents, read_shard,
+    ShardStream, continuation_ids, encode_sentences, mask_tokens, mlm_batch, num_mask_slots, prepare, read_documents, read_shard,
     read_split, read_wikitext, render_masked_predictions, segment_samples, split_documents, split_samples,
     split_sentences, vocab_sha256, write_shard)
 from nanobert.tokenizer import bert_wordpiece, load_tokenizer, save_tokenizer, special_ids, train_wordpiece
@@ -274,6 +274,66 @@ def test_masked_positions_cover_exactly_the_labelled_positions():
                 assert len(labelled) >= 1  # at least one per batch, so the loss is defined
             assert positions[:len(labelled)].tolist() == labelled.tolist()
             assert (labels[positions[len(labelled):]] == -100).all()  # padding points at ignored positions
+
+
+def whole_word_batch(rng, B=64, T=48):
+    """Ids 200-299 start words, 300-399 are '##' pieces; words of 1-3 pieces, then [SEP] + padding."""
+    ids = np.full((B, T), SPECIALS["pad"])
+    for row in range(B):
+        body = []
+        while len(body) < rng.integers(10, T - 4):
+            body += [rng.integers(200, 300)] + list(rng.integers(300, 400, rng.integers(0, 3)))
+        ids[row, :len(body) + 2] = [SPECIALS["cls"], *body, SPECIALS["sep"]]
+    return ids
+
+
+CONTINUATION = (np.arange(1000) >= 300) & (np.arange(1000) < 400)
+
+
+def test_continuation_ids_are_the_wordpiece_suffixes():
+    tok = bert_wordpiece({t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "walk", "##ing",
+                                                       "#", "##s"])})
+    assert continuation_ids(tok).tolist() == [False] * 6 + [True, False, True]
+    assert continuation_ids(tok)[tok.encode("walking walks").ids].tolist() == [False, False, True, False, True, False]
+
+
+def test_whole_word_masking_masks_every_piece_of_a_chosen_word():
+    rng = np.random.default_rng(0)
+    ids = whole_word_batch(rng)
+    masked, labels, positions = mask_tokens(ids, rng, SPECIALS.values(), 1000, SPECIALS["mask"],
+                                            continuation=CONTINUATION)
+    chosen = (labels != -100).ravel()
+    flat = ids.ravel()
+    word = np.cumsum((flat >= 200) & (flat < 300))  # a '##' piece belongs to the word before it
+    in_word = (flat >= 200) & (flat < 400)
+    for w in np.unique(word[in_word]):  # all of a word's pieces or none
+        pieces = chosen[in_word & (word == w)]
+        assert pieces.all() or not pieces.any(), w
+    words = np.unique(word[in_word])
+    picked = np.unique(word[chosen])
+    # ~1,900 words: sd of the picked fraction sqrt(.15 * .85 / 1900) = 0.008
+    assert abs(len(picked) / len(words) - 0.15) < 0.035
+    assert not chosen[~in_word].any() and (labels.ravel()[chosen] == flat[chosen]).all()
+    # each piece has its own 80/10/10 draw: some words are partly [MASK], partly kept or random
+    assert abs((masked.ravel()[chosen] == SPECIALS["mask"]).mean() - 0.8) < 0.05
+    assert positions[:chosen.sum()].tolist() == np.flatnonzero(chosen).tolist()
+
+
+def test_whole_word_masking_overflow_drops_whole_words_and_picks_at_least_one():
+    rng = np.random.default_rng(1)
+    ids = whole_word_batch(rng, B=2, T=32)
+    _, labels, positions = mask_tokens(ids, rng, SPECIALS.values(), 1000, SPECIALS["mask"], mlm_prob=0.9,
+                                       continuation=CONTINUATION)
+    chosen = (labels != -100).ravel()
+    assert 0 < chosen.sum() <= len(positions)  # cut to the slots ...
+    flat, word = ids.ravel(), np.cumsum((ids.ravel() >= 200) & (ids.ravel() < 300))
+    for w in np.unique(word[chosen]):  # ... by whole words
+        assert chosen[((flat >= 200) & (flat < 400)) & (word == w)].all()
+    # at least one word, one that fits the slots (here 1: the 3-piece word does not)
+    two_words = np.array([[SPECIALS["cls"], 250, 350, 351, 260, SPECIALS["sep"]]])
+    _, labels, positions = mask_tokens(two_words, rng, SPECIALS.values(), 1000, SPECIALS["mask"], mlm_prob=1e-9,
+                                       continuation=CONTINUATION)
+    assert len(positions) == 1 and np.flatnonzero(labels[0] != -100).tolist() == [4]
 
 
 def test_mask_tokens_never_masks_a_batch_of_specials_only():

@@ -54,6 +54,14 @@ def test_prepare_train_save_show(backend, corpus, tmp_path):
     assert "masked accuracy" in shown.stdout
 
 
+def test_whole_word_masking_trains(corpus, tmp_path):
+    out = ok(run_script(mlm_args(corpus, tmp_path / "data", tmp_path / "out", "--whole_word_mask=true",
+                                 "--max_steps=3")))
+    assert "step 3: val_loss" in out.stdout
+    bad = run_script(["train_mlm.py", "--whole_word_mask=maybe"])
+    assert bad.returncode == 2 and "whole_word_mask" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_resume_equals_straight_run(corpus, tmp_path):
     """The shard stream position and the (seed, batch number) masking resume exactly."""
     common = ["--save_every=2", "--max_checkpoints=5", "--eval_every=100"]

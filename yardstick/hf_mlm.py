@@ -36,9 +36,11 @@ def main():
                                test_fraction=cfg.test_fraction, test_input=cfg.test_input or None, seed=cfg.seed)
     stream = mlm_data.ShardStream(os.path.join(cfg.data_dir, "train-*.msgpack"), seed=cfg.seed,
                                   expect_vocab_hash=summary["vocab_sha256"])
-    loader = train_mlm.MLMBatches(stream, cfg.batch_size * cfg.grad_accum, specials, vocab_size, cfg.mlm_prob, cfg.seed)
-    val_batches = train_mlm.heldout_batches(cfg, "val", specials, vocab_size, summary["vocab_sha256"])
-    test_batches = train_mlm.heldout_batches(cfg, "test", specials, vocab_size, summary["vocab_sha256"])
+    continuation = mlm_data.continuation_ids(tokenizer) if cfg.whole_word_mask else None
+    loader = train_mlm.MLMBatches(stream, cfg.batch_size * cfg.grad_accum, specials, vocab_size, cfg.mlm_prob, cfg.seed,
+                                  1, continuation)
+    val_batches = train_mlm.heldout_batches(cfg, "val", specials, vocab_size, summary["vocab_sha256"], continuation)
+    test_batches = train_mlm.heldout_batches(cfg, "test", specials, vocab_size, summary["vocab_sha256"], continuation)
 
     # the same initial weights as train_mlm.py (seeded init of the torch twin), through the shared format
     torch.manual_seed(cfg.seed)

@@ -37,6 +37,7 @@ class BertConfig:
     classifier_dropout: float | None = None  # None: use hidden_dropout_prob (as HF)
     num_labels: int = 2
     problem_type: str | None = None  # None: regression if num_labels == 1 (as HF)
+    id2label: dict | None = None  # {id: name} of the labels (None: HF's LABEL_0, LABEL_1, ...)
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -71,6 +72,9 @@ class BertConfig:
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"field 'pad_token_id' ({self.pad_token_id}) is outside the vocabulary "
                               f"(vocab_size {self.vocab_size})")
+        if self.id2label is not None and sorted(self.id2label) != list(range(self.num_labels)):
+            raise ConfigError(f"field 'id2label' must name labels 0..{self.num_labels - 1}, got ids "
+                              f"{sorted(self.id2label)}")
         if self.problem_type not in PROBLEM_TYPES:
             raise ConfigError(f"field 'problem_type' is {self.problem_type!r}; supported: "
                               "regression, single_label_classification")
@@ -91,12 +95,17 @@ class BertConfig:
             if d.get(key) not in allowed:
                 raise ConfigError(f"{where}: field '{key}' is {d[key]!r}; nanobert supports only {allowed[0]!r}")
             d.pop(key, None)  # checked; to_dict writes the supported value back
-        if "id2label" in d and "num_labels" not in d:
-            d["num_labels"] = len(d["id2label"])
+        if "id2label" in d:
+            try:
+                d["id2label"] = {int(i): str(name) for i, name in d["id2label"].items()}
+            except (AttributeError, ValueError):
+                raise ConfigError(f"{where}: field 'id2label' must map integer ids to names") from None
+            d.setdefault("num_labels", len(d["id2label"]))
+            if all(name == f"LABEL_{i}" for i, name in d["id2label"].items()):
+                d["id2label"] = None  # HF's placeholder names: nothing to keep
         names = {f.name for f in fields(cls)} - {"extra"}
         known = {k: d.pop(k) for k in list(d) if k in names}
-        for k in ("id2label", "label2id"):  # derived from num_labels on write
-            d.pop(k, None)
+        d.pop("label2id", None)  # id2label's inverse, written back by to_dict
         try:
             return cls(**known, extra=d)
         except ConfigError as e:
@@ -113,11 +122,20 @@ class BertConfig:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d, where=str(path))
 
+    def updated(self, where="config", **changes):
+        """A copy with `changes` (HF names). A new num_labels without id2label is a new head:
+        the old label names go (else HF's placeholders are written)."""
+        d = self.to_dict()
+        if "num_labels" in changes and "id2label" not in changes:
+            del d["id2label"], d["label2id"]
+        return BertConfig.from_dict({**d, **changes}, where=where)
+
     def to_dict(self, architectures=None):
         d = {k: v for k, v in asdict(self).items() if k != "extra"}
         d.pop("num_labels")  # HF derives num_labels from id2label
-        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-        d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        names = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        d["id2label"] = {str(i): names[i] for i in range(self.num_labels)}
+        d["label2id"] = {names[i]: i for i in range(self.num_labels)}
         d = {**self.extra, **d, "model_type": "bert", "position_embedding_type": "absolute"}
         if architectures:
             d["architectures"] = list(architectures)

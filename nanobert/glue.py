@@ -117,8 +117,9 @@ def glue_batches(encoded, labels, batch_size, rng=None, pad_id=0, pad_to=None, b
                  pad_to_multiple_of=1):
     """One epoch of padded batches: every example exactly once, in ceil(N / batch_size) batches.
 
-    encoded: from encode_glue (N examples); labels: (N,) ints. Yields dicts of int32 arrays
-    input_ids, attention_mask, token_type_ids (B, T) and labels (B,); T is the batch's own
+    encoded: from encode_glue (N examples); labels: (N,) ints, or N (L_i,) arrays of token
+    labels (ner.encode_ner). Yields dicts of int32 arrays input_ids, attention_mask,
+    token_type_ids (B, T) and labels (B,), or (B, T) padded with -100; T is the batch's own
     longest sequence (dynamic padding; rounded up to a multiple of pad_to_multiple_of, as
     HF's collators, so a compiled step sees few shapes) or `pad_to` (fixed padding). Only
     the last batch may have B < batch_size.
@@ -133,9 +134,10 @@ def glue_batches(encoded, labels, batch_size, rng=None, pad_id=0, pad_to=None, b
     and resume with the same rng and start=batches done to get exactly the batches the
     interrupted run had left.
     """
-    labels = np.asarray(labels)
     if not len(labels):
         raise ValueError("no examples to batch")
+    per_token = np.ndim(labels[0]) == 1
+    labels = labels if per_token else np.asarray(labels)
     if len(encoded["input_ids"]) != len(labels):
         raise ValueError(f"{len(encoded['input_ids'])} encoded examples but {len(labels)} labels")
     lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int64)
@@ -144,8 +146,11 @@ def glue_batches(encoded, labels, batch_size, rng=None, pad_id=0, pad_to=None, b
     for idx in batch_indices(lengths, batch_size, rng, bucket)[start:]:
         shape = (len(idx), pad_to or round_up(lengths[idx].max(), pad_to_multiple_of))
         batch = {"input_ids": np.full(shape, pad_id, np.int32), "attention_mask": np.zeros(shape, np.int32),
-                 "token_type_ids": np.zeros(shape, np.int32), "labels": labels[idx].astype(np.int32)}
+                 "token_type_ids": np.zeros(shape, np.int32),
+                 "labels": np.full(shape, -100, np.int32) if per_token else labels[idx].astype(np.int32)}
         for row, i in enumerate(idx):
+            if per_token:
+                batch["labels"][row, :lengths[i]] = labels[i]
             batch["input_ids"][row, :lengths[i]] = encoded["input_ids"][i]
             batch["token_type_ids"][row, :lengths[i]] = encoded["token_type_ids"][i]
             batch["attention_mask"][row, :lengths[i]] = 1

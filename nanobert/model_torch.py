@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanobert import torch_cpu, weights
-from nanobert.config import BertConfig
 
 ACT2FN = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
@@ -248,7 +247,7 @@ class BertPreTrainedModel(nn.Module):
     def from_pretrained(cls, path, **config_overrides):
         """Load an HF-format checkpoint dir (ours, HF's, a train_*.py checkpoint); new heads start at init."""
         config, tensors = weights.read_checkpoint(path)
-        model = cls(BertConfig.from_dict({**config.to_dict(), **config_overrides}, where=path)).init_weights()
+        model = cls(config.updated(where=path, **config_overrides)).init_weights()
         model.load_numpy(weights.match_state(tensors, model.shapes(), cls.head_prefixes, where=path))
         return model
 
@@ -345,6 +344,27 @@ class BertForSequenceClassification(BertPreTrainedModel):
             else:
                 loss = F.cross_entropy(logits, labels.long())
         return Output(loss=loss, logits=logits, hidden_states=hidden_states, pooler_output=pooled)
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    head_prefixes = ("classifier.",)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = Dropout(p)
+        self.classifier = torch_cpu.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False):
+        """-> logits (B, T, num_labels). labels (B, T): a tag id per token, -100 where no tag
+        is learned (padding, [CLS]/[SEP], a word's later WordPieces); the loss is their mean."""
+        h, _, hidden_states = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states)
+        logits = self.classifier(self.dropout(h))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100)
+        return Output(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
 class BertForQuestionAnswering(BertPreTrainedModel):

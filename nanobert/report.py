@@ -34,7 +34,7 @@ IMPLS = {"hf": "HF transformers", "torch": "nanobert torch", "mlx": "nanobert ML
 
 # Quality rows: name -> (what was run, [(metric, label)], the twins' command).
 ROWS = {
-    "squad-demo": ("`make demo`: SQuAD excerpt shipped in data/squad (357 train / 189 eval questions), 1 epoch",
+    "squad-demo": ("`make demo`: SQuAD excerpt shipped in data/squad (357 train / 189 eval questions), 2 epochs",
                    [("eval_exact_match", "EM"), ("eval_f1", "F1")], "python train_squad.py"),
     "squad-split": ("SQuAD v1.1: train on dev articles 0-23 (5,871 windows), evaluate on 24-47 "
                     "(4,874 questions), 1 epoch", [("eval_exact_match", "EM"), ("eval_f1", "F1")],
@@ -54,6 +54,9 @@ ROWS = {
              "python train_sst2.py --config configs/sst2.ini --seed S"),
     "mrpc": ("MRPC (GLUE split), 3 epochs", [("dev_accuracy", "acc"), ("dev_f1", "F1")],
              "python train_sst2.py --config configs/mrpc.ini --seed S"),
+    "ner": ("NER: the silver set in data/ner (WikiText-2 excerpt tagged by rule; 2,005 train / 767 dev "
+            "sentences), 3 epochs", [("dev_f1", "entity F1"), ("dev_precision", "P"), ("dev_recall", "R")],
+            "python train_ner.py --seed S"),
     "mlm-wt2": ("MLM from scratch: L2 H128 on WikiText-2 valid (214K tokens), 2,000 steps; WikiText-2 test",
                 [("test_accuracy", "acc"), ("test_loss", "loss")],
                 "python train_mlm.py --config configs/mlm_wikitext2.ini --seed S --data_dir out/mlm_wt2_data_sS"),
@@ -184,6 +187,7 @@ TABLES = {
     "finetune": lambda: quality_table(["squad-split", "sst2", "mrpc"]),
     "studies": lambda: quality_table(["squad-split-hf-time", "squad-split-lora8", "squad-split-lora16"]),
     "mlm": lambda: quality_table(["mlm-wt2"]),
+    "ner": lambda: quality_table(["ner"]),
     "speed": lambda: speed_tables(latest_only=True),
     "speed-all": lambda: speed_tables(latest_only=False),
     "speed-gpu": lambda: speed_tables(latest_only=False, gpu=True),

@@ -140,8 +140,8 @@ def linear_lr(it, lr, warmup_iters, lr_decay_iters, min_lr=0.0):
 # --- batches for accumulation and DDP ------------------------------------------------------
 
 def n_items(batch):
-    """How many terms the batch's mean loss averages: target tokens for MLM (labels (B, T),
-    -100 = none), examples for classification and QA."""
+    """How many terms the batch's mean loss averages: target tokens for MLM and token
+    classification (labels (B, T), -100 = none), examples for classification and QA."""
     labels = batch.get("labels", batch.get("start_positions"))
     return int((labels != -100).sum()) if labels.ndim == 2 else len(labels)
 

@@ -152,8 +152,10 @@ def match_state(tensors, shapes, head_prefixes=(), where="checkpoint"):
     """Select from `tensors` the model's parameters (`shapes`: name -> shape).
 
     A BertModel checkpoint (no `bert.` prefix, e.g. all-MiniLM-L6-v2) fits a head model.
-    Missing head weights (`head_prefixes`) are fine: they stay at their init and we say so.
-    Missing encoder weights, a shape mismatch or a non-float tensor are errors.
+    Missing head weights (`head_prefixes`) are fine: they stay at their init and we say so; so
+    are head weights of another shape (another task's head: 2 classes, here 7 tags), as
+    HF's ignore_mismatched_sizes. Missing encoder weights, an encoder shape mismatch or a
+    non-float tensor are errors.
     """
     if not any(k.startswith("bert.") for k in tensors):  # a bare BertModel checkpoint
         tensors = {(k if k.startswith(("cls.", "classifier.", "qa_outputs.")) else "bert." + k): v
@@ -164,6 +166,9 @@ def match_state(tensors, shapes, head_prefixes=(), where="checkpoint"):
             missing.append(name)
             continue
         v = tensors[name]
+        if tuple(v.shape) != tuple(shape) and name.startswith(head_prefixes):
+            missing.append(name)
+            continue
         if tuple(v.shape) != tuple(shape):
             raise WeightsError(f"{where}: tensor '{name}' has shape {tuple(v.shape)}, the model expects {tuple(shape)}")
         if v.dtype.kind != "f":

@@ -27,7 +27,7 @@ import nanobert.model_torch as T
 # 1.25e-4 (MLX with the rational GELU). Bugs the suite must catch are 100x larger
 # (test_parity_catches_bugs: 1.3e-2, 4.8e-2).
 TOL = {"torch": 2e-4, "mlx": 2e-4}
-HEADS = ("BertForMaskedLM", "BertForSequenceClassification", "BertForQuestionAnswering")
+HEADS = ("BertForMaskedLM", "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering")
 TWINS = {"torch": T, "mlx": M}
 
 transformers.logging.set_verbosity_error()
@@ -132,6 +132,11 @@ def random_batch(rng, head, config, B, T, min_len=2):
         batch["labels"] = labels
     elif head == "BertForSequenceClassification":
         batch["labels"] = rng.integers(0, config.num_labels, B).astype(np.int32)
+    elif head == "BertForTokenClassification":
+        # a tag on some real tokens (as on a word's first WordPiece), -100 on the others
+        tagged = (rng.random((B, T)) < 0.6) & (mask == 1) & (ids != CLS) & (ids != SEP)
+        tagged[0, 1] = True  # at least one, else the loss is 0/0
+        batch["labels"] = np.where(tagged, rng.integers(0, config.num_labels, (B, T)), -100).astype(np.int32)
     else:
         # Positions beyond T are clamped to T and ignored (HF's rule): keep one in range.
         batch["start_positions"] = rng.integers(0, T + 3, B).astype(np.int32)

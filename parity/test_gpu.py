@@ -14,7 +14,7 @@ import nanobert.engine_torch as ET
 
 pytestmark = pytest.mark.skipif(ET.DEVICE != "cuda", reason="needs a CUDA GPU (the bf16 path of engine_torch)")
 OUTPUT = {"BertForMaskedLM": "logits", "BertForSequenceClassification": "logits",
-          "BertForQuestionAnswering": "start_logits"}
+          "BertForTokenClassification": "logits", "BertForQuestionAnswering": "start_logits"}
 
 
 def rel_err(a, b):

@@ -69,7 +69,7 @@ def test_sequence_regression_matches_hf(backend, tmp_path):
 def test_random_configs_and_inputs_match_hf(tmp_path_factory, head, backend, layers, heads, head_dim, act, B, T, seed):
     config = hf_config(num_hidden_layers=layers, num_attention_heads=heads, hidden_size=heads * head_dim,
                        intermediate_size=2 * heads * head_dim + 3, hidden_act=act,
-                       num_labels=3 if head == "BertForSequenceClassification" else 2)
+                       num_labels={"BertForSequenceClassification": 3, "BertForTokenClassification": 5}.get(head, 2))
     batch = random_batch(np.random.default_rng(seed), head, config, B, T)
     compare(backend, head, config, batch, tmp_path_factory.mktemp("ckpt"), seed)
 

@@ -25,6 +25,25 @@ def test_reads_hf_written_config(tmp_path):
     assert (c.hidden_size, c.num_attention_heads, c.head_dim, c.num_labels, c.hidden_act) == (48, 6, 8, 5, "relu")
 
 
+def test_label_names_round_trip_through_hf(tmp_path):
+    """id2label (as a token classifier's tags) is written as HF writes it and read back;
+    a new head's num_labels drops the old names."""
+    tags = {0: "O", 1: "B-NAME", 2: "I-NAME"}
+    c = BertConfig(num_labels=3, id2label=tags)
+    c.to_json(tmp_path / "config.json")
+    hf = transformers.BertConfig.from_pretrained(tmp_path)
+    assert hf.id2label == tags and hf.label2id == {"O": 0, "B-NAME": 1, "I-NAME": 2}
+    assert BertConfig.from_json(tmp_path / "config.json").id2label == tags
+    transformers.BertConfig(id2label={0: "neg", 1: "pos"}).save_pretrained(tmp_path / "hf")
+    assert BertConfig.from_json(tmp_path / "hf" / "config.json").id2label == {0: "neg", 1: "pos"}
+    assert BertConfig(num_labels=2).to_dict()["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
+    assert BertConfig.from_dict(BertConfig(num_labels=2).to_dict()).id2label is None  # placeholders
+    assert c.updated(num_labels=2).id2label is None and c.updated(num_labels=2).num_labels == 2
+    assert c.updated(hidden_dropout_prob=0.0).id2label == tags
+    with pytest.raises(ConfigError, match="field 'id2label' must name labels 0..2"):
+        BertConfig(num_labels=3, id2label={0: "O", 5: "X"})
+
+
 @pytest.mark.parametrize("change, message", [
     ({"hidden_size": 100, "num_attention_heads": 12}, "field 'hidden_size' (100) is not divisible by 'num_attention_heads' (12)"),
     ({"hidden_act": "swish"}, "field 'hidden_act' is 'swish'; supported: gelu, gelu_new, relu"),

@@ -229,7 +229,8 @@ def test_micro_batches_trim_to_the_longest_row_rounded_up():
     assert widths(multiple=32) == [20, 20] and widths(trim=False) == [20, 20]  # never wider than the batch
 
 
-@pytest.mark.parametrize("head", ["BertForMaskedLM", "BertForSequenceClassification", "BertForQuestionAnswering"])
+@pytest.mark.parametrize("head", ["BertForMaskedLM", "BertForSequenceClassification", "BertForTokenClassification",
+                                  "BertForQuestionAnswering"])
 def test_mlx_compiled_step_equals_eager(head, monkeypatch):
     """The MLX twin's training step is mx.compile'd: its loss, gradients and dropout masks are
     the eager step's, for batches of two widths (each traced anew) and for a second model
@@ -243,6 +244,8 @@ def test_mlx_compiled_step_equals_eager(head, monkeypatch):
         batch = mlm_batch(rng, 8, T, config.vocab_size)
         if head == "BertForSequenceClassification":
             batch["labels"] = rng.integers(0, 2, 8).astype(np.int32)
+        elif head == "BertForTokenClassification":
+            batch["labels"] = np.where(batch["attention_mask"] == 1, rng.integers(0, 2, (8, T)), -100).astype(np.int32)
         elif head == "BertForQuestionAnswering":
             del batch["labels"]
             batch["start_positions"], batch["end_positions"] = (rng.integers(0, 3, 8).astype(np.int32) for _ in "se")

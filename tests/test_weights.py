@@ -15,7 +15,7 @@ import nanobert.model_torch as T
 from nanobert.config import BertConfig, ConfigError
 from nanobert.weights import WeightsError, read_checkpoint, write_checkpoint
 
-HEADS = ("BertForMaskedLM", "BertForSequenceClassification", "BertForQuestionAnswering")
+HEADS = ("BertForMaskedLM", "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering")
 SMALL = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
              max_position_embeddings=32)
 transformers.logging.set_verbosity_error()
@@ -154,6 +154,17 @@ def test_wrong_shape_names_tensor_and_both_shapes(tmp_path):
         M.BertForMaskedLM.from_pretrained(path)
     assert one_line(e).endswith("tensor 'bert.encoder.layer.1.intermediate.dense.weight' has shape (25, 16), "
                                 "the model expects (24, 16)")
+
+
+def test_a_head_of_another_shape_is_a_new_head(tmp_path, capsys):
+    """Another task's head (2 classes; here 5 tags) is replaced, saying so; the encoder loads."""
+    two = torch_model("BertForSequenceClassification")
+    two.save_pretrained(tmp_path)
+    tagger = M.BertForTokenClassification.from_pretrained(str(tmp_path), num_labels=5)
+    assert tagger.classifier.weight.shape == (5, 16)
+    assert "newly initialized (train them): classifier.weight, classifier.bias" in capsys.readouterr().err
+    np.testing.assert_array_equal(tagger.state_numpy()["bert.embeddings.word_embeddings.weight"],
+                                  two.state_numpy()["bert.embeddings.word_embeddings.weight"])
 
 
 def test_wrong_dtype_names_tensor(tmp_path):

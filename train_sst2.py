@@ -1,4 +1,5 @@
-"""Fine-tune BERT for sentence / sentence-pair classification (GLUE SST-2, MRPC), torch or MLX.
+"""Fine-tune BERT for sentence / sentence-pair classification (GLUE SST-2, MRPC, or your own
+CSV / TSV / JSONL files: any number of classes, or a regression target), torch or MLX.
 
     python train_sst2.py                                   # shipped SST-2 excerpt, all-MiniLM-L6-v2
     python train_sst2.py --backend mlx --task mrpc --data ../shared/data/glue/MRPC --epochs 3
@@ -6,6 +7,8 @@
     mlx.launch -n 2 --backend ring -- python train_sst2.py --backend mlx
     python train_sst2.py --predict "a gorgeous, witty film" --init out/sst2/best
     python train_sst2.py --task mrpc --predict "He left." --pair "He went away." --init out/mrpc/best
+    python train_sst2.py --task custom --data my_data --text_column review --label_column stars
+    python train_sst2.py --task custom --data my_sts --text_column a --text_pair_column b --regression true
 
 Settings are the DEFAULTS below; override them with --config FILE.ini and/or --key=value.
 Phases: settings -> data -> model -> optimizer -> loop (evaluate, checkpoint) -> save.
@@ -24,8 +27,13 @@ from nanobert.training import (EpochLoader, check_schedule, configure, fit, load
 
 DEFAULTS = dict(
     backend="torch",            # torch | mlx
-    task="sst2",                # sst2 | mrpc
-    data="data/sst2",           # directory with train.tsv + dev.tsv, or a `datasets` name ("glue") when online
+    task="sst2",                # sst2 | mrpc | custom (your own files, the columns named below)
+    data="data/sst2",           # directory with train.tsv + dev.tsv, or a `datasets` name ("glue") when online;
+                                # custom: train + dev as .csv, .tsv or .jsonl
+    text_column="text",         # custom: the text's column (CSV/TSV header name, JSONL key)
+    text_pair_column="",        # custom: a second text's column, for sentence pairs
+    label_column="label",       # custom: the label's column: class names (any number) or numbers
+    regression=False,           # custom: the label is a number to predict (MSE loss; Pearson, Spearman)
     init="all-MiniLM-L6-v2",    # encoder to start from: checkpoint dir, packaged name, or hub id
     out_dir="out/sst2",
     max_length=128,
@@ -63,9 +71,8 @@ def main():
     # --- data ---------------------------------------------------------------------------
     resume_path = checkpoint.resolve_resume(cfg.resume, cfg.out_dir)
     tokenizer = load_tokenizer(resume_path or hub.resolve(cfg.init))
-    train, dev = glue.load_task(cfg.task, cfg.data, "train"), glue.load_task(cfg.task, cfg.data, "dev")
+    train, dev, train_labels, dev_labels, names = load_data(cfg)
     train_enc, dev_enc = glue.encode_glue(tokenizer, train, cfg.max_length), glue.encode_glue(tokenizer, dev, cfg.max_length)
-    train_labels, dev_labels = np.array([y for *_, y in train]), np.array([y for *_, y in dev])
     global_batch = cfg.batch_size * cfg.grad_accum * world
     steps_per_epoch = math.ceil(len(train) / global_batch)
     max_iters = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
@@ -78,7 +85,9 @@ def main():
 
     # --- model + optimizer ----------------------------------------------------------------
     E.seed(cfg.seed)
-    model = models.BertForSequenceClassification.from_pretrained(resume_path or hub.resolve(cfg.init), num_labels=2)
+    model = models.BertForSequenceClassification.from_pretrained(
+        resume_path or hub.resolve(cfg.init), num_labels=len(names) if names else 1,
+        id2label=dict(enumerate(names)) if names else None, problem_type="regression" if cfg.regression else None)
     E.prepare(model)
     opt = E.AdamW(model, weight_decay=cfg.weight_decay)
     if rank == 0:
@@ -88,35 +97,63 @@ def main():
               + (f", resuming from {resume_path}" if resume_path else ""))
 
     def evaluate(step):
-        preds = []
-        for batch in glue.glue_batches(dev_enc, dev_labels, 64, pad_to=cfg.pad_to or None):
-            preds.append(E.predict(model, {k: v for k, v in batch.items() if k != "labels"})["logits"].argmax(-1))
-        preds = np.concatenate(preds)
-        return {"dev_accuracy": glue.accuracy(preds, dev_labels), "dev_f1": glue.binary_f1(preds, dev_labels)}
+        logits = np.concatenate([E.predict(model, {k: v for k, v in batch.items() if k != "labels"})["logits"]
+                                 for batch in glue.glue_batches(dev_enc, dev_labels, 64, pad_to=cfg.pad_to or None)])
+        return scores(logits, dev_labels, names)
 
     # --- training loop (nanobert/training.py: fit) ----------------------------------------
-    run = fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, "dev_" + glue.BEST_METRIC[cfg.task],
+    best = glue.BEST_METRIC.get(cfg.task, "pearson" if cfg.regression else "accuracy")
+    run = fit(cfg, E, model, opt, loader, max_iters, warmup_iters, evaluate, "dev_" + best,
                rank, world, resume=checkpoint.load(resume_path) if resume_path else None,
                tokenizer=hub.resolve(cfg.init), trim=not cfg.pad_to)
     if rank == 0:
-        print(f"best dev {glue.BEST_METRIC[cfg.task]} {run['best']:.2f} (model in {os.path.join(cfg.out_dir, 'best')}); "
+        print(f"best dev {best} {run['best']:.2f} (model in {os.path.join(cfg.out_dir, 'best')}); "
               f"training {run['train_s']:.0f} s, {run['tokens'] / max(run['train_s'], 1e-9):.0f} tokens/s, "
               f"peak RSS {peak_rss_mb():.0f} MiB")
         save_run_record(cfg, run)
 
 
+def load_data(cfg):
+    """(train, dev examples, train labels, dev labels, class names or None for regression)."""
+    if cfg.task != "custom":
+        train, dev = glue.load_task(cfg.task, cfg.data, "train"), glue.load_task(cfg.task, cfg.data, "dev")
+        labels = [np.array([y for *_, y in split]) for split in (train, dev)]
+        return train, dev, *labels, list(glue.LABEL_NAMES[cfg.task])
+    columns = (cfg.text_column, cfg.text_pair_column or None, cfg.label_column)
+    train, dev = (glue.load_table(cfg.data, split, *columns) for split in ("train", "dev"))
+    train_labels, names = glue.label_ids(train, cfg.regression, where=os.path.join(cfg.data, "train"))
+    dev_labels, _ = glue.label_ids(dev, cfg.regression, names, where=os.path.join(cfg.data, "dev"))
+    return train, dev, train_labels, dev_labels, names
+
+
+def scores(logits, labels, names):
+    """Dev metrics from logits (N, classes) or (N, 1) for regression (names None)."""
+    if names is None:
+        preds = logits[:, 0]
+        return {"dev_pearson": glue.pearson(preds, labels), "dev_spearman": glue.spearman(preds, labels),
+                "dev_mse": float(np.mean((preds - labels) ** 2))}
+    preds = logits.argmax(-1)
+    f1 = glue.binary_f1(preds, labels) if len(names) == 2 else glue.macro_f1(preds, labels, len(names))
+    return {"dev_accuracy": glue.accuracy(preds, labels), "dev_f1" if len(names) == 2 else "dev_macro_f1": f1}
+
+
 def predict(cfg, models, E):
-    """Print the label and probability of one sentence (or a pair) with the model in --init."""
+    """Print the label and probability of one sentence (or a pair) with the model in --init
+    (a regression model: its prediction)."""
     path = hub.resolve(cfg.init)
     model = models.BertForSequenceClassification.from_pretrained(path)
     example = [(cfg.predict, cfg.pair or None, 0)]
     enc = glue.encode_glue(load_tokenizer(path), example, cfg.max_length)
     batch = next(glue.glue_batches(enc, [0], 1))
     logits = E.predict(model, {k: v for k, v in batch.items() if k != "labels"})["logits"][0]
+    if model.config.num_labels == 1:
+        print(f"{logits[0]:.4f}")
+        return
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     label = int(probs.argmax())
-    print(f"{glue.LABEL_NAMES[cfg.task][label]}\t{probs[label]:.4f}")
+    id2label = model.config.id2label or dict(enumerate(glue.LABEL_NAMES.get(cfg.task, ())))  # saved, else GLUE's
+    print(f"{id2label.get(label, f'LABEL_{label}')}\t{probs[label]:.4f}")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ class BertConfig:
             if d.get(key) not in allowed:
                 raise ConfigError(f"{where}: field '{key}' is {d[key]!r}; nanobert supports only {allowed[0]!r}")
             d.pop(key, None)  # checked; to_dict writes the supported value back
-        if "id2label" in d:
+        if d.get("id2label") is not None:
             try:
                 d["id2label"] = {int(i): str(name) for i, name in d["id2label"].items()}
             except (AttributeError, ValueError):

@@ -1,13 +1,16 @@
-"""GLUE sentence classification data (SST-2, MRPC): read, encode, batch, score.
+"""Sentence(-pair) classification data: GLUE's SST-2 and MRPC, or your own files.
 
 examples   read_glue_tsv / load_task -> [(text_a, text_b or None, label)]
+           read_table / load_table: your CSV, TSV or JSONL, named columns; label_ids
 encode     encode_glue -> token ids as HF `tok(a, b, truncation=True, max_length=128)`
 batches    glue_batches -> shuffled, dynamically padded, resumable mid-epoch
-metrics    accuracy, binary_f1 (percent, as the GLUE leaderboard reports them)
+metrics    accuracy, binary_f1, macro_f1, pearson, spearman (percent, as GLUE reports them)
 
 Numpy only: the same batches feed the torch and the MLX model.
 """
 
+import csv
+import json
 import os
 
 import numpy as np
@@ -96,6 +99,109 @@ def load_task(task, source, split):
     return [(a.strip(), b, int(y)) for a, b, y in zip(rows[col_a], texts_b, rows["label"])]
 
 
+TABLE_FORMATS = (".csv", ".tsv", ".jsonl")
+
+
+def read_table(path, text, pair=None, label="label"):
+    """[(text_a, text_b or None, label as a string)] from your own file: CSV (with CSV quoting),
+    TSV (tabs only, quotes are text) or JSONL (one object per line), by its extension, with the
+    text in column `text`, an optional second text in `pair` and the label in `label`. A
+    missing column, an empty text or label is a one-line error naming file, line and field."""
+    ext = os.path.splitext(path)[1]
+    if ext not in TABLE_FORMATS:
+        raise ValueError(f"{path}: expected a {', '.join(TABLE_FORMATS)} file")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(_rows(f, ext, path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 ({e})") from None
+    examples = []
+    for line, row in rows:
+        values = []
+        for field in (text, pair, label):
+            if field is None:
+                values.append(None)
+                continue
+            if field not in row:
+                raise ValueError(f"{path} line {line}: no field {field!r} (fields: {', '.join(map(str, row))})")
+            value = "" if row[field] is None else str(row[field]).strip()
+            if not value:
+                raise ValueError(f"{path} line {line}: field {field!r} is empty")
+            values.append(value)
+        examples.append(tuple(values))
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
+
+
+def _rows(f, ext, path):
+    """(line number, {field: value}) of each non-blank row."""
+    if ext == ".jsonl":
+        for line, text in enumerate(f, 1):
+            if text.strip():
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {line}: not JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path} line {line}: expected a JSON object, got {type(row).__name__}")
+                yield line, row
+        return
+    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv" else csv.reader(f)
+    header = next(reader, None)
+    if not header:
+        raise ValueError(f"{path}: empty (expected a header line naming the columns)")
+    header = [h.strip() for h in header]
+    for fields in reader:
+        if not any(field.strip() for field in fields):
+            continue
+        if len(fields) != len(header):
+            raise ValueError(f"{path} line {reader.line_num}: expected {len(header)} columns "
+                             f"({', '.join(header)}), got {len(fields)}")
+        yield reader.line_num, dict(zip(header, fields))
+
+
+def load_table(directory, split, text, pair=None, label="label"):
+    """read_table of `split` ("train" or "dev") in `directory`: split.csv, split.tsv or split.jsonl."""
+    found = [os.path.join(directory, split + ext) for ext in TABLE_FORMATS
+             if os.path.exists(os.path.join(directory, split + ext))]
+    if len(found) != 1:
+        raise FileNotFoundError(f"{directory}: expected one of {', '.join(split + e for e in TABLE_FORMATS)}, "
+                                f"found {len(found)}")
+    return read_table(found[0], text, pair, label)
+
+
+def label_ids(examples, regression=False, names=None, where="data"):
+    """The labels of read_table's examples as a (N,) array: floats for regression, else class
+    ids into `names` (default: the examples' own label strings, sorted, numbers by value).
+    Returns (labels, names); a label that is not a number (regression) or not in `names` is an
+    error naming it."""
+    raw = [y for *_, y in examples]
+    if regression:
+        try:
+            return np.array([float(y) for y in raw], np.float32), None
+        except ValueError:
+            bad = next(y for y in raw if not _is_number(y))
+            raise ValueError(f"{where}: label {bad!r} is not a number (regression)") from None
+    if names is None:
+        names = sorted(set(raw), key=lambda y: (0, float(y), y) if _is_number(y) else (1, 0.0, y))
+    index = {name: i for i, name in enumerate(names)}
+    unknown = [y for y in raw if y not in index]
+    if unknown:
+        raise ValueError(f"{where}: label {unknown[0]!r} is not one of the training labels ({', '.join(names)})")
+    return np.array([index[y] for y in raw], np.int64), list(names)
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def encode_glue(tokenizer, examples, max_length=128):
     """Token ids of each example, equal to HF `tok(a, b, truncation=True, max_length=max_length)`.
 
@@ -147,7 +253,8 @@ def glue_batches(encoded, labels, batch_size, rng=None, pad_id=0, pad_to=None, b
         shape = (len(idx), pad_to or round_up(lengths[idx].max(), pad_to_multiple_of))
         batch = {"input_ids": np.full(shape, pad_id, np.int32), "attention_mask": np.zeros(shape, np.int32),
                  "token_type_ids": np.zeros(shape, np.int32),
-                 "labels": np.full(shape, -100, np.int32) if per_token else labels[idx].astype(np.int32)}
+                 "labels": np.full(shape, -100, np.int32) if per_token else
+                 labels[idx].astype(np.float32 if labels.dtype.kind == "f" else np.int32)}  # floats: regression
         for row, i in enumerate(idx):
             if per_token:
                 batch["labels"][row, :lengths[i]] = labels[i]
@@ -173,6 +280,40 @@ def binary_f1(preds, labels):
     true_pos = np.sum((preds == 1) & (labels == 1))
     positives = np.sum(preds == 1) + np.sum(labels == 1)
     return 100.0 * 2 * float(true_pos) / float(positives) if positives else 0.0
+
+
+def macro_f1(preds, labels, n_classes):
+    """The mean over classes 0..n_classes-1 of each class's F1 (one-vs-rest), in percent
+    (sklearn's f1_score(average="macro"); a class absent from both counts as 0)."""
+    preds, labels = _same_shape(preds, labels)
+    f1s = []
+    for c in range(n_classes):
+        tp, predicted, true = np.sum((preds == c) & (labels == c)), np.sum(preds == c), np.sum(labels == c)
+        f1s.append(2 * tp / (predicted + true) if predicted + true else 0.0)
+    return 100.0 * float(np.mean(f1s))
+
+
+def pearson(preds, labels):
+    """Pearson's correlation of two (N,) float arrays, in percent (GLUE's STS-B reports it so)."""
+    preds, labels = (np.asarray(x, np.float64) for x in _same_shape(preds, labels))
+    a, b = preds - preds.mean(), labels - labels.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return 100.0 * float((a * b).sum() / denom) if denom else 0.0
+
+
+def spearman(preds, labels):
+    """Spearman's rank correlation in percent: Pearson's of the ranks, ties given their mean rank."""
+    return pearson(_ranks(preds), _ranks(labels))
+
+
+def _ranks(x):
+    x = np.asarray(x, np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    for value in np.unique(x[np.diff(np.sort(x), prepend=np.nan) == 0]):  # tied values: their mean rank
+        ranks[x == value] = ranks[x == value].mean()
+    return ranks
 
 
 def _task_columns(task):

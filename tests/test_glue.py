@@ -5,6 +5,7 @@ MRPC text may not be copied into the repo (non-commercial license): its tests us
 
 import csv
 import io
+import json
 import math
 import os
 import sys
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 
 from nanobert import hub
-from nanobert.glue import accuracy, binary_f1, encode_glue, glue_batches, load_task, read_glue_tsv
+from nanobert.glue import (accuracy, binary_f1, encode_glue, glue_batches, label_ids, load_table, load_task, macro_f1,
+                           pearson, read_glue_tsv, read_table, spearman)
 from nanobert.tokenizer import load_tokenizer
 
 SHIPPED_SST2 = os.path.join(os.path.dirname(__file__), "..", "data", "sst2")
@@ -248,3 +250,77 @@ def test_metrics_hand_computed():
     assert binary_f1(np.array([0, 1]), np.array([1, 0])) == 0.0
     with pytest.raises(ValueError, match="one shape"):
         accuracy([1, 0], [1])
+
+
+def test_macro_f1_pearson_spearman_hand_computed():
+    # class 0: TP 1, predicted 2, true 2 -> F1 1/2; class 1: TP 1, predicted 1, true 2 -> 2/3;
+    # class 2: TP 0, predicted 1, true 0 -> 0
+    assert macro_f1([0, 0, 1, 2], [0, 1, 1, 0], 3) == pytest.approx(100 * (1 / 2 + 2 / 3 + 0) / 3)
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(100.0) and pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-100.0)
+    # centred: x -1.5 -.5 .5 1.5, y -1.5 .5 -.5 1.5: dot 4, both squared norms 5, r = 4/5
+    assert pearson([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(80.0)
+    # monotone but not linear: Spearman 1, Pearson below; ties take their mean rank (2.5, 2.5)
+    assert spearman([1, 2, 3, 4], [1, 10, 100, 1000]) == pytest.approx(100.0)
+    assert pearson([1, 2, 3, 4], [1, 10, 100, 1000]) < 90
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(100 * 0.9486832980505138)
+
+
+# ---------------------------------------------------------------- your own files
+
+ROWS = [("a fine film", "good"), ('"so-so", says he', "meh"), ("awful", "bad"), ("great, great", "good")]
+
+
+def write_table(path, rows, columns=("review", "stars")):
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(dict(zip(columns, r))) + "\n" for r in rows))
+    elif path.suffix == ".tsv":  # tabs only; a quote is text
+        path.write_text("".join("\t".join(r) + "\n" for r in [columns, *rows]))
+    else:
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([columns, *rows])
+    return path
+
+
+@pytest.mark.parametrize("ext", [".csv", ".tsv", ".jsonl"])
+def test_read_table_named_columns_in_every_format(tmp_path, ext):
+    path = write_table(tmp_path / f"train{ext}", ROWS)
+    examples = read_table(path, "review", None, "stars")
+    assert examples == [(a, None, b) for a, b in ROWS]
+    assert load_table(str(tmp_path), "train", "review", None, "stars") == examples
+    labels, names = label_ids(examples)
+    assert names == ["bad", "good", "meh"] and labels.tolist() == [1, 2, 0, 1]
+
+
+def test_label_ids_numbers_by_value_regression_and_unknown_labels():
+    examples = [("a", None, "10"), ("b", None, "2"), ("c", None, "-1.5")]
+    assert label_ids(examples) == (pytest.approx(np.array([2, 1, 0])), ["-1.5", "2", "10"])
+    floats, names = label_ids(examples, regression=True)
+    assert names is None and floats.dtype == np.float32 and floats.tolist() == [10.0, 2.0, -1.5]
+    with pytest.raises(ValueError, match="dev: label 'x' is not one of the training labels \\(-1.5, 2, 10\\)"):
+        label_ids([("d", None, "x")], names=["-1.5", "2", "10"], where="dev")
+    with pytest.raises(ValueError, match="train: label 'high' is not a number"):
+        label_ids([("d", None, "high")], regression=True, where="train")
+
+
+@pytest.mark.parametrize("ext, content, message", [
+    (".csv", "review,stars\nok,good\nbad\n", "line 3: expected 2 columns (review, stars), got 1"),
+    (".csv", "text,stars\nok,good\n", "line 2: no field 'review' (fields: text, stars)"),
+    (".csv", "review,stars\n  ,good\n", "line 2: field 'review' is empty"),
+    (".jsonl", '{"review": "ok", "stars": "good"}\n{oops\n', "line 2: not JSON"),
+    (".jsonl", '["ok", "good"]\n', "line 1: expected a JSON object, got list"),
+    (".tsv", "", "empty (expected a header line naming the columns)"),
+    (".txt", "review\n", "expected a .csv, .tsv, .jsonl file"),
+])
+def test_bad_table_rows_name_file_line_and_field(tmp_path, ext, content, message):
+    path = tmp_path / f"train{ext}"
+    path.write_text(content)
+    with pytest.raises(ValueError) as e:
+        read_table(path, "review", None, "stars")
+    assert str(e.value).startswith(f"{path}{' ' if message.startswith('line') else ': '}{message}")
+    assert "\n" not in str(e.value)
+
+
+def test_float_labels_batch_as_floats():
+    enc = {"input_ids": [np.array([2, 5, 3])] * 2, "token_type_ids": [np.zeros(3, np.int32)] * 2}
+    batch = next(glue_batches(enc, np.array([0.5, 2.0], np.float32), 2))
+    assert batch["labels"].dtype == np.float32 and batch["labels"].tolist() == [0.5, 2.0]

@@ -83,3 +83,62 @@ def test_bad_tsv_is_one_line_with_line_number(tiny_model_dir, tmp_path):
 
 def test_words_cover_the_tiny_vocabulary():
     assert len(set(WORDS)) == len(WORDS)  # the tiny vocab.txt has no duplicate tokens
+
+
+def write_own_data(d, ext, rows_of):
+    """train + dev in the format of `ext`: text column "review", label column "stars"."""
+    import csv
+    rng = np.random.default_rng(0)
+    d.mkdir()
+    for split, n in (("train", 36), ("dev", 12)):
+        rows = [rows_of(rng) for _ in range(n)]
+        if ext == ".jsonl":
+            (d / f"{split}{ext}").write_text("".join(json.dumps({"review": a, "stars": b}) + "\n" for a, b in rows))
+        else:
+            with open(d / f"{split}{ext}", "w", newline="") as f:
+                csv.writer(f).writerows([("review", "stars"), *rows])
+    return d
+
+
+def three_classes(rng):
+    kind = int(rng.integers(0, 3))
+    words = list(rng.choice(WORDS[8:], 4)) + [("good", "bad", "the")[kind]]
+    return " ".join(words), ("positive", "negative", "neutral")[kind]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_own_csv_with_three_classes(backend, tiny_model_dir, tmp_path):
+    data = write_own_data(tmp_path / "data", ".csv", three_classes)
+    out = ok(run_script(["train_sst2.py", "--task=custom", f"--data={data}", "--text_column=review",
+                         "--label_column=stars", f"--init={tiny_model_dir}", f"--out_dir={tmp_path / 'out'}",
+                         f"--backend={backend}", "--batch_size=8", "--epochs=2", "--lr=1e-3"]))
+    assert "custom: 36 train / 12 dev examples" in out.stdout and "best dev accuracy" in out.stdout
+    config = json.loads((tmp_path / "out" / "best" / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    assert set(json.loads((tmp_path / "out" / "run.json").read_text())["metrics"]) == {"dev_accuracy", "dev_macro_f1"}
+    pred = ok(run_script(["train_sst2.py", f"--init={tmp_path / 'out' / 'best'}", f"--backend={backend}",
+                          "--predict=a good film"]))
+    label, prob = pred.stdout.strip().split("\t")
+    assert label in ("negative", "neutral", "positive") and 1 / 3 <= float(prob) <= 1
+
+
+def test_own_jsonl_regression(tiny_model_dir, tmp_path):
+    data = write_own_data(tmp_path / "data", ".jsonl", lambda rng: (lambda k: (
+        " ".join(rng.choice(WORDS[8:], 3)) + " good" * k, str(k / 2)))(int(rng.integers(0, 4))))
+    out = ok(run_script(["train_sst2.py", "--task=custom", f"--data={data}", "--text_column=review",
+                         "--label_column=stars", "--regression=true", f"--init={tiny_model_dir}",
+                         f"--out_dir={tmp_path / 'out'}", "--backend=mlx", "--batch_size=8", "--epochs=2"]))
+    assert "best dev pearson" in out.stdout
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert set(record["metrics"]) == {"dev_pearson", "dev_spearman", "dev_mse"}
+    assert json.loads((tmp_path / "out" / "best" / "config.json").read_text())["problem_type"] == "regression"
+    pred = ok(run_script(["train_sst2.py", f"--init={tmp_path / 'out' / 'best'}", "--predict=the film good good"]))
+    float(pred.stdout.strip())  # one number
+
+
+def test_own_data_bad_column_is_one_line(tiny_model_dir, tmp_path):
+    data = write_own_data(tmp_path / "data", ".csv", three_classes)
+    proc = run_script(["train_sst2.py", "--task=custom", f"--data={data}", "--text_column=text",
+                       f"--init={tiny_model_dir}", f"--out_dir={tmp_path / 'out'}"])
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert f"{data / 'train.csv'} line 2: no field 'text' (fields: review, stars)" in proc.stderr

@@ -339,6 +339,7 @@ def main():
     machine = f"{gpu}{cpu} ({platform.machine()}), {os.cpu_count()} cores, {platform.system()}; torch " \
               f"{torch.__version__} ({torch.get_num_threads()} threads, the twin's Linears on {linears}), mlx " \
               f"{mx.__version__} (BLAS: {mlx_cpu.loaded_blas()}{blas_kernels()}, {len(EM.STREAMS)} streams, " \
+              f"kernels built with {mlx_cpu.jit_flags() or 'no -m flags'}, " \
               f"training step {'compiled' if EM.COMPILE else 'eager'}), transformers {transformers.__version__}"
     print(f"machine: {machine}\nGEMM peak ({'8192^3 bf16' if CUDA else '2048^3 fp32'}): "
           f"torch {peaks['torch']:.0f} GFLOP/s, "
@@ -375,6 +376,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump({**info, "machine": machine, "gpu": torch.cuda.get_device_name() if CUDA else None,
                        "torch_linears": "F.linear (cuBLAS)" if CUDA else linears, "mlx_blas": mlx_cpu.loaded_blas(),
+                       "mlx_jit_flags": mlx_cpu.jit_flags(),
                        "gemm_peak_gflops": peaks, "repeats": args.repeats, "results": results,
                        "peak_rss_of_this_process_mib": peak_rss_mb()}, f, indent=1)
 

@@ -8,7 +8,7 @@ training step ~3x slower than PyTorch on the 2-core reference machine (README ha
    `sgemm_`. Both are resolved by the dynamic linker, which looks in the process's
    *global* scope before a library's own dependencies, so a tuned library opened with
    RTLD_GLOBAL before MLX loads takes over those symbols ("symbol interposition"). We
-   try, in order: $NANOBERT_BLAS (a path; "none" disables all this), the system OpenBLAS
+   try, in order: $NANOBERT_BLAS (a path; "none": MLX's own), the system OpenBLAS
    (`apt-get install libopenblas0-pthread`), the OpenBLAS from PyPI (`scipy-openblas32`,
    in requirements.txt; its symbols carry a prefix, so a small forwarding library,
    openblas_shim.c, is compiled once with the C compiler MLX needs anyway, and cached),
@@ -27,7 +27,9 @@ training step ~3x slower than PyTorch on the 2-core reference machine (README ha
    `where`, no max/min: MLX's check for NaN) and reads no broadcast input (MLX then takes
    its strided path), so the functions are written to avoid both, and memory passes
    between kernels are few (`_cut`, `_exp`). Accuracy: exp ~3e-7 relative, GELU as torch's
-   own fp32 GELU (tests/test_mlx_cpu.py).
+   own fp32 GELU (tests/test_mlx_cpu.py). MLX 0.32's Linux wheel builds them for baseline
+   x86-64 (SSE2, 4 floats per instruction); on a CPU with AVX2 and FMA a `g++` first on
+   PATH adds the flags later MLX versions pass (`jit_flags`): 8 floats and fused multiply-add.
 4. Threads. MLX's CPU backend runs each op on a single thread: the thread of its stream.
    MLX's answer to CPU parallelism is streams, so engine_mlx splits each batch's rows over
    CPU_STREAMS streams, one per core (per process under a launcher), and everything
@@ -43,6 +45,7 @@ import ctypes.util
 import hashlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -72,7 +75,7 @@ def _pypi_openblas():
     source = os.path.join(os.path.dirname(__file__), "openblas_shim.c")
     with open(source, "rb") as f:
         key = hashlib.sha256(f.read() + os.path.realpath(lib_dir).encode()).hexdigest()[:16]
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanobert")
+    cache = _cache_dir()
     shim = os.path.join(cache, f"openblas_shim-{key}.so")
     if os.path.exists(shim):
         return shim
@@ -91,6 +94,58 @@ def _pypi_openblas():
     return shim
 
 
+def _cache_dir():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanobert")
+
+
+# The flags later MLX versions pass their JIT compiler when MLX itself is built for AVX2.
+AVX2_FLAGS = "-mavx2 -mfma -mf16c"
+_jit_flags = ""  # the flags our g++ wrapper adds ("": none, MLX's defaults)
+
+
+def _cpu_flags():
+    """The CPU's feature flags, from /proc/cpuinfo (an empty set where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((l for l in f if l.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def _jit_wrapper():
+    """Fix 3's compiler flags. MLX builds each fused kernel with `g++ -std=c++17 -O3 ...`,
+    found on PATH, and no -m flags: SSE2 code on any x86 CPU. We put a two-line `g++` first
+    on PATH that adds AVX2_FLAGS ($NANOBERT_MLX_JIT_FLAGS overrides; empty: no wrapper).
+    MLX caches built kernels by name in $TMPDIR/mlx/<version>/cpu, so kernels built before
+    (without the flags) are reused until that directory is removed. Returns the flags."""
+    flags = os.environ.get("NANOBERT_MLX_JIT_FLAGS")
+    if flags is None:
+        flags = AVX2_FLAGS if {"avx2", "fma", "f16c"} <= _cpu_flags() else ""
+    prefix = os.path.join(_cache_dir(), "jit-")  # our wrappers (a child process inherits its parent's PATH)
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if not p.startswith(prefix)]
+    gxx = shutil.which("g++", path=os.pathsep.join(path))
+    if not flags.strip() or gxx is None:
+        return ""
+    script = f'#!/bin/sh\nexec "{gxx}" {flags} "$@"\n'
+    folder = prefix + hashlib.sha256(script.encode()).hexdigest()[:16]
+    wrapper = os.path.join(folder, "g++")
+    if not os.path.exists(wrapper):
+        tmp = f"{wrapper}.{os.getpid()}.tmp"
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write(script)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, wrapper)
+    os.environ["PATH"] = os.pathsep.join([folder] + path)
+    return flags
+
+
+def jit_flags():
+    """The flags added to MLX's kernel builds ("": MLX's own)."""
+    return _jit_flags
+
+
 def _torch_blas():
     """torch's libtorch_cpu.so (it exports sgemm_, backed by MKL or OpenBLAS), if torch is installed."""
     spec = importlib.util.find_spec("torch")
@@ -102,8 +157,11 @@ def _torch_blas():
 
 def _preload():
     """Fix 1; must run before mlx.core is first imported (this module's import does it)."""
-    global _blas
-    if sys.platform != "linux" or os.environ.get("NANOBERT_BLAS", "").lower() == "none":
+    global _blas, _jit_flags
+    if sys.platform != "linux":
+        return
+    _jit_flags = _jit_wrapper()
+    if os.environ.get("NANOBERT_BLAS", "").lower() == "none":
         return
     if "mlx.core" in sys.modules:
         print("nanobert: warning: mlx.core was imported before nanobert.model_mlx, so MLX may keep its slow "

@@ -79,7 +79,7 @@ def test_pypi_openblas_is_built_once_cached_and_serves_mlx(tmp_path):
     """scipy-openblas32 (requirements.txt) reaches MLX through openblas_shim.c, compiled on
     first use into the cache and reused after; with no C compiler MLX falls back, warned."""
     build = "from nanobert import mlx_cpu\nprint('SHIM', mlx_cpu._pypi_openblas())\n"
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "NANOBERT_BLAS": "none"}
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "NANOBERT_BLAS": "none", "NANOBERT_MLX_JIT_FLAGS": ""}
     run = lambda env: subprocess.run([sys.executable, "-c", build], cwd=ROOT, capture_output=True, text=True, env=env,
                                      timeout=120)
     first = run(env)
@@ -96,6 +96,31 @@ def test_pypi_openblas_is_built_once_cached_and_serves_mlx(tmp_path):
     no_cc = run({**env, "XDG_CACHE_HOME": str(tmp_path / "other"), "CC": "/nonexistent/cc"})
     assert no_cc.stdout.split()[-1] == "None" and "could not build" in no_cc.stderr
     assert not os.listdir(tmp_path / "other" / "nanobert")  # no half-written file left
+
+
+def test_mlx_kernels_are_built_with_the_flags_chosen_for_this_cpu(tmp_path):
+    """Fix 3's g++ wrapper: by default AVX2_FLAGS where the CPU has AVX2, FMA and F16C, else
+    none; and the flags reach the compiler MLX runs (a linker flag leaves its mark in the
+    kernel MLX builds, in a kernel cache of the test's own)."""
+    probe = ("from nanobert import mlx_cpu\nimport mlx.core as mx\nprint(repr(mlx_cpu.jit_flags()))\n"
+             "mx.eval(mx.compile(lambda x: x * 2.0 + 1.0)(mx.ones(64)))\n")
+
+    def run(name, **env):
+        env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "TMPDIR": str(tmp_path / name), **env}
+        os.makedirs(env["TMPDIR"])
+        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        kernels = [os.path.join(d, f) for d, _, fs in os.walk(env["TMPDIR"]) for f in fs if f.endswith(".so")]
+        assert kernels, "MLX built no kernel"
+        return eval(out.stdout.strip()), b"".join(open(k, "rb").read() for k in kernels)
+
+    from nanobert import mlx_cpu
+    has_avx2 = {"avx2", "fma", "f16c"} <= mlx_cpu._cpu_flags()
+    assert run("default")[0] == (mlx_cpu.AVX2_FLAGS if has_avx2 else "")
+    flags, built = run("probe", NANOBERT_MLX_JIT_FLAGS="-Wl,-soname,nanobert-jit-probe")
+    assert flags == "-Wl,-soname,nanobert-jit-probe" and b"nanobert-jit-probe" in built
+    flags, built = run("off", NANOBERT_MLX_JIT_FLAGS="")
+    assert flags == "" and b"nanobert-jit-probe" not in built
 
 
 def test_missing_blas_warns_once_and_still_computes():

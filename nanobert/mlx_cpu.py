@@ -156,7 +156,8 @@ def _torch_blas():
 
 
 def _preload():
-    """Fix 1; must run before mlx.core is first imported (this module's import does it)."""
+    """Fix 1 and fix 3's compiler flags; must run before mlx.core is first imported (this
+    module's import does it)."""
     global _blas, _jit_flags
     if sys.platform != "linux":
         return

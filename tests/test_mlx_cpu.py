@@ -102,7 +102,8 @@ def test_mlx_kernels_are_built_with_the_flags_chosen_for_this_cpu(tmp_path):
     """Fix 3's g++ wrapper: by default AVX2_FLAGS where the CPU has AVX2, FMA and F16C, else
     none; and the flags reach the compiler MLX runs (a linker flag leaves its mark in the
     kernel MLX builds, in a kernel cache of the test's own)."""
-    probe = ("from nanobert import mlx_cpu\nimport mlx.core as mx\nprint(repr(mlx_cpu.jit_flags()))\n"
+    probe = ("import shutil\nfrom nanobert import mlx_cpu\nimport mlx.core as mx\n"
+             "print(repr((mlx_cpu.jit_flags(), shutil.which('g++'))))\n"
              "mx.eval(mx.compile(lambda x: x * 2.0 + 1.0)(mx.ones(64)))\n")
 
     def run(name, **env):
@@ -116,11 +117,13 @@ def test_mlx_kernels_are_built_with_the_flags_chosen_for_this_cpu(tmp_path):
 
     from nanobert import mlx_cpu
     has_avx2 = {"avx2", "fma", "f16c"} <= mlx_cpu._cpu_flags()
-    assert run("default")[0] == (mlx_cpu.AVX2_FLAGS if has_avx2 else "")
-    flags, built = run("probe", NANOBERT_MLX_JIT_FLAGS="-Wl,-soname,nanobert-jit-probe")
-    assert flags == "-Wl,-soname,nanobert-jit-probe" and b"nanobert-jit-probe" in built
-    flags, built = run("off", NANOBERT_MLX_JIT_FLAGS="")
-    assert flags == "" and b"nanobert-jit-probe" not in built
+    wrappers = str(tmp_path / "cache" / "nanobert" / "jit-")
+    (flags, gxx), _ = run("default")
+    assert flags == (mlx_cpu.AVX2_FLAGS if has_avx2 else "") and gxx.startswith(wrappers) == has_avx2
+    (flags, gxx), built = run("probe", NANOBERT_MLX_JIT_FLAGS="-Wl,-soname,nanobert-jit-probe")
+    assert flags == "-Wl,-soname,nanobert-jit-probe" and gxx.startswith(wrappers) and b"nanobert-jit-probe" in built
+    (flags, gxx), _ = run("off", NANOBERT_MLX_JIT_FLAGS="")
+    assert flags == "" and not gxx.startswith(wrappers)
 
 
 def test_missing_blas_warns_once_and_still_computes():

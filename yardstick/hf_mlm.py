@@ -7,7 +7,8 @@ are HF's / torch's: HF decodes every position (the dense MLM head).
 
     python yardstick/hf_mlm.py --config configs/mlm_wikitext2.ini --out_dir out/mlm_wt2_hf
 
-Takes train_mlm.py's settings (run train_mlm.py once first: it prepares data_dir).
+Takes train_mlm.py's settings (run train_mlm.py once first: it prepares data_dir). Writes
+out_dir/run.json, the record `python -m nanobert.report add OUT_DIR mlm-wt2` files (impl "hf").
 """
 
 import os
@@ -24,11 +25,12 @@ from nanobert import mlm_data  # noqa: E402
 from nanobert.config import BertConfig  # noqa: E402
 from nanobert.model_torch import BertForMaskedLM  # noqa: E402
 from nanobert.tokenizer import load_tokenizer, special_ids  # noqa: E402
-from nanobert.training import MetricsLog, configure, step_seed  # noqa: E402
+from nanobert.training import MetricsLog, configure, run_info, save_run_record, step_seed  # noqa: E402
 
 
 def main():
     cfg = configure(train_mlm.DEFAULTS, sys.argv[1:], __doc__)
+    info = run_info()
     tokenizer = load_tokenizer(cfg.data_dir)
     specials, vocab_size = special_ids(tokenizer), tokenizer.get_vocab_size()
     summary = mlm_data.prepare(input=cfg.input, out_dir=cfg.data_dir, vocab=cfg.vocab or None, vocab_size=cfg.vocab_size,
@@ -97,6 +99,9 @@ def main():
     print(f"HF BertForMaskedLM: best validation accuracy {best:.2f}%"
           + "".join(f"; final {k} {v:.4g}" for k, v in final.items())
           + f"; training {train_s:.0f} s, {tokens / train_s:.0f} tokens/s")
+    cfg.backend = "hf"  # the record's impl (nanobert.report add reads settings.backend)
+    save_run_record(cfg, {"info": info, "train_s": train_s, "tokens": tokens, "steps": cfg.max_steps, "metrics": {}},
+                    best_val_accuracy=best, **final)
 
 
 if __name__ == "__main__":

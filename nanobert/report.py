@@ -171,13 +171,14 @@ def speed_header(record):
 
 
 def speed_tables(latest_only, gpu=False):
-    """bench records grouped by CPU: the newest of each (README) or all of them (docs);
-    with gpu=True the GPU records instead."""
+    """bench records grouped by CPU, each CPU's by date (undated, copied records first): the
+    newest of each (README) or all of them (docs); with gpu=True the GPU records instead."""
     by_cpu = {}
     for record in (r for r in load("bench") if bool(r.get("gpu")) == gpu):
         by_cpu.setdefault(record["cpu"], []).append(record)
     lines = []
     for cpu, records in by_cpu.items():
+        records = sorted(records, key=lambda r: r.get("date", ""))  # stable: file-name order within a day
         for record in (records[-1:] if latest_only else records):
             lines += speed_header(record) + speed_table(record) + [""]
     return lines[:-1]

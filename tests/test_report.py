@@ -98,3 +98,20 @@ def test_check_exits_1_when_a_table_is_stale(tmp_path, monkeypatch, capsys):
     assert report.main(["--check"]) == 1 and "README.md: tables differ" in capsys.readouterr().out
     assert "stale" in (tmp_path / "README.md").read_text()  # --check changes nothing
     assert report.main([]) == 0 and report.main(["--check"]) == 0
+
+
+def test_speed_tables_show_each_cpus_newest_record(tmp_path, monkeypatch):
+    """The README shows each CPU's newest bench record by date, whatever the file names; a
+    copied record (no date) counts as the oldest."""
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(report, "ROOT", str(tmp_path))
+    base = {"cpu": "CPU A", "cores": 2, "command": "python bench.py", "torch_linears": "oneDNN",
+            "gemm_peak_gflops": {"torch": 100}}
+    result = {"workload": "cls", "impl": "hf", "vs_hf": 1.0, "tokens_per_s": 1000.0}
+    write(tmp_path / "bench" / "a-copied.json", {**base, "source": "an issue", "results": [result]})
+    write(tmp_path / "bench" / "a-2026-12-06.json", {**base, "commit": "new", "date": "2026-12-06", "results": [result]})
+    write(tmp_path / "bench" / "a-2026-12-05.json", {**base, "commit": "old", "date": "2026-12-05", "results": [result]})
+    newest = "\n".join(report.speed_tables(latest_only=True))
+    assert "commit `new`" in newest and "commit `old`" not in newest and "an issue" not in newest
+    every = "\n".join(report.speed_tables(latest_only=False))
+    assert every.index("an issue") < every.index("commit `old`") < every.index("commit `new`")

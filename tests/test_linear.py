@@ -4,7 +4,9 @@ gradients (up to fp32 summation order) for every kind of shape the model has, an
 model runs where the vendor rule picks it. The oneDNN path is tested on every x86 machine
 (forced on where the rule would pick MKL)."""
 
+import copy
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -127,3 +129,31 @@ def test_under_torch_compile_it_is_f_linear(monkeypatch):
                                  torch.ones(3, 8))
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_keeps_a_reordered_weight_while_the_weight_is_unchanged(onednn):
+    """Eval mode without autograd: the output is the oneDNN Linear's, from a reordered copy of
+    the weight made once; an in-place update, new values under the same tensor (load_state_dict)
+    or a new weight tensor makes a new copy, so the output always follows the weight; training,
+    deepcopy and pickling drop the copy."""
+    torch.manual_seed(0)
+    layer = torch_cpu.Linear(16, 8).eval()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        y = layer(x)
+        copy_made = layer.packed[3]
+        assert copy_made.is_mkldnn
+        torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        assert torch.equal(layer(x), y) and layer.packed[3] is copy_made  # reused, not made again
+        layer.weight.mul_(2)  # an optimizer's in-place update
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        layer.load_state_dict({"weight": torch.randn(8, 16), "bias": layer.bias.clone()})
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        layer.weight = torch.nn.Parameter(torch.randn(8, 16))
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        assert copy.deepcopy(layer).packed is None and pickle.loads(pickle.dumps(layer)).packed is None
+    assert layer(x).requires_grad and layer.packed is None  # autograd on: the trainable path, no copy
+    with torch.no_grad():
+        layer(x)
+        layer.train()(x)
+    assert layer.packed is None

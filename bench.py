@@ -146,9 +146,13 @@ def gemm_peak(framework, repeats=10):
 
 def blas_kernels():
     """' (<name> kernels)' where MLX's BLAS is OpenBLAS: the CPU family it picked kernels for
-    (its own detection, or $OPENBLAS_CORETYPE), which sets its GEMM speed; and the
-    OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE overrides where the environment sets them."""
+    (its own detection, or $OPENBLAS_CORETYPE), which sets its GEMM speed, and the
+    OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE overrides where the environment sets them;
+    ' (oneDNN X.Y.Z)' where it is oneDNN (onednn_shim.c)."""
     lib = ctypes.CDLL(mlx_cpu.loaded_blas()) if mlx_cpu.loaded_blas() else None
+    if lib is not None and hasattr(lib, "onednn_shim_set_num_threads"):
+        lib.dnnl_version.restype = ctypes.POINTER(ctypes.c_int * 3)  # struct dnnl_version_t's major, minor, patch
+        return " (oneDNN {}.{}.{})".format(*lib.dnnl_version().contents)
     if lib is None or not hasattr(lib, "openblas_get_corename"):
         return ""
     lib.openblas_get_corename.restype = ctypes.c_char_p
@@ -376,7 +380,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump({**info, "machine": machine, "gpu": torch.cuda.get_device_name() if CUDA else None,
                        "torch_linears": "F.linear (cuBLAS)" if CUDA else linears, "mlx_blas": mlx_cpu.loaded_blas(),
-                       "mlx_jit_flags": mlx_cpu.jit_flags(),
+                       "mlx_blas_kernels": blas_kernels().strip(" ()"), "mlx_jit_flags": mlx_cpu.jit_flags(),
                        "gemm_peak_gflops": peaks, "repeats": args.repeats, "results": results,
                        "peak_rss_of_this_process_mib": peak_rss_mb()}, f, indent=1)
 

@@ -7,12 +7,15 @@ training step ~3x slower than PyTorch on the 2-core reference machine (README ha
    slower than a tuned BLAS. MLX calls `cblas_sgemm`; the reference `cblas_sgemm` calls
    `sgemm_`. Both are resolved by the dynamic linker, which looks in the process's
    *global* scope before a library's own dependencies, so a tuned library opened with
-   RTLD_GLOBAL before MLX loads takes over those symbols ("symbol interposition"). We
-   try, in order: $NANOBERT_BLAS (a path; "none": MLX's own), the system OpenBLAS
-   (`apt-get install libopenblas0-pthread`), the OpenBLAS from PyPI (`scipy-openblas32`,
-   in requirements.txt; its symbols carry a prefix, so a small forwarding library,
-   openblas_shim.c, is compiled once with the C compiler MLX needs anyway, and cached),
-   torch's own libtorch_cpu.so (MKL: fast on Intel CPUs, slower on AMD's).
+   RTLD_GLOBAL before MLX loads takes over those symbols ("symbol interposition").
+   $NANOBERT_BLAS names one (a path; "none": MLX's own). Else the tuned ones found here:
+   the system OpenBLAS (`apt-get install libopenblas0-pthread`), and from PyPI (both in
+   requirements.txt) oneDNN's GEMM (`onednn-cpu-gomp`, x86-64) and OpenBLAS
+   (`scipy-openblas32`), each reached through a small forwarding library (onednn_shim.c,
+   openblas_shim.c) compiled once with the C compiler MLX needs anyway, and cached. Which
+   is fastest depends on the CPU (on an AMD Zen 4, oneDNN's by 8-13%), so each is timed
+   once under MLX on this machine and the fastest is loaded (`fastest`); torch's own
+   libtorch_cpu.so (MKL: fast on Intel CPUs, slower on AMD's) is the last resort.
 2. Memory. MLX hands every freed buffer back to malloc, and glibc returns big blocks to
    the OS (mmap/munmap, heap trimming), so each op on a large array page-faults its output
    in anew (x * 2 + 1 on 12.6M floats: 52 ms; 16 ms once blocks are reused).
@@ -43,13 +46,16 @@ are MLX's own there.
 import ctypes
 import ctypes.util
 import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
 import sys
 
-from nanobert.training import launched_world_size
+from nanobert.fileio import atomic_path
+from nanobert.training import cpu_vendor_and_model, launched_world_size
 
 OPENBLAS_PATHS = ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
                   "/usr/lib64/libopenblas.so.0", "/usr/lib/libopenblas.so.0")
@@ -57,33 +63,91 @@ _blas = None  # the library we loaded
 
 
 def blas_candidates():
-    """Shared libraries to try, best first (paths or sonames for the dynamic linker)."""
+    """Shared libraries to try, best first (paths or sonames for the dynamic linker): the one
+    $NANOBERT_BLAS names, else the tuned ones found here, the fastest on this machine first
+    (`fastest`), then torch's."""
     if os.environ.get("NANOBERT_BLAS"):
         return [os.environ["NANOBERT_BLAS"]]
-    found = [ctypes.util.find_library("openblas")] + [p for p in OPENBLAS_PATHS if os.path.exists(p)]
-    return [c for c in found + [_pypi_openblas(), _torch_blas()] if c]
+    system = [ctypes.util.find_library("openblas")] + [p for p in OPENBLAS_PATHS if os.path.exists(p)]
+    tuned = list(dict.fromkeys(c for c in system + [_pypi_onednn(), _pypi_openblas()] if c))
+    if len(tuned) > 1:
+        best = fastest(tuned)
+        tuned.sort(key=lambda c: c != best)
+    return [c for c in tuned + [_torch_blas()] if c]
+
+
+def fastest(libraries):
+    """The library on which MLX's matmuls run fastest here, on one thread (nanobert/blas_timer.py,
+    each library in a fresh process). Measured once per machine and set of libraries, then read
+    back from ~/.cache/nanobert/blas-<key>.json (key: the CPU and the libraries' paths, sizes
+    and dates), so that only the first process pays for it (~1 s a library). A library that
+    fails to load or run gets no time and is not chosen."""
+    def stamp(lib):
+        try:
+            st = os.stat(lib)
+            return [os.path.realpath(lib), st.st_size, st.st_mtime_ns]
+        except OSError:
+            return [lib]
+    key = hashlib.sha256(json.dumps([cpu_vendor_and_model(), [stamp(l) for l in libraries]]).encode()).hexdigest()[:16]
+    record = os.path.join(_cache_dir(), f"blas-{key}.json")
+    try:
+        with open(record) as f:
+            times = json.load(f)["seconds"]
+    except (OSError, ValueError, KeyError):
+        times = {}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `nanobert` is importable
+        path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        for lib in libraries:
+            out = subprocess.run([sys.executable, "-m", "nanobert.blas_timer", lib], capture_output=True, text=True,
+                                 timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join([root] + path)})
+            times[lib] = float(out.stdout) if out.returncode == 0 and out.stdout.strip() else None
+        try:
+            with atomic_path(record) as tmp, open(tmp, "w") as f:
+                json.dump({"cpu": cpu_vendor_and_model()[1], "seconds": times}, f, indent=1)
+        except OSError:
+            pass  # an unwritable cache: measure again next time
+    timed = [lib for lib in libraries if times.get(lib) is not None]
+    return min(timed, key=times.get) if timed else libraries[0]
+
+
+def _pypi_onednn():
+    """The forwarding library for onednn-cpu-gomp's oneDNN (onednn_shim.c), built on first use
+    and cached; None if the package or a C compiler is missing."""
+    try:
+        dist = importlib.metadata.distribution("onednn-cpu-gomp")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    lib = next((dist.locate_file(f) for f in dist.files or [] if f.name == "libdnnl.so.3"), None)
+    if lib is None or not os.path.exists(lib):
+        return None
+    return _build_shim("onednn_shim.c", os.path.dirname(os.path.realpath(lib)), "-l:libdnnl.so.3")
 
 
 def _pypi_openblas():
     """The forwarding library for scipy-openblas32's OpenBLAS (openblas_shim.c), built on first
-    use into ~/.cache/nanobert (written to a temporary name, then renamed: concurrent processes
-    never load half a file); None if the package or a C compiler is missing."""
+    use and cached; None if the package or a C compiler is missing."""
     spec = importlib.util.find_spec("scipy_openblas32")
     if not (spec and spec.submodule_search_locations):
         return None
-    lib_dir = os.path.join(spec.submodule_search_locations[0], "lib")
-    source = os.path.join(os.path.dirname(__file__), "openblas_shim.c")
+    return _build_shim("openblas_shim.c", os.path.join(spec.submodule_search_locations[0], "lib"), "-lscipy_openblas")
+
+
+def _build_shim(name, lib_dir, link):
+    """nanobert/<name>, compiled against the library in lib_dir (found through an rpath) into
+    ~/.cache/nanobert, once: written to a temporary name, then renamed, so that concurrent
+    processes never load half a file. None (warned) if it cannot be built."""
+    source = os.path.join(os.path.dirname(__file__), name)
     with open(source, "rb") as f:
         key = hashlib.sha256(f.read() + os.path.realpath(lib_dir).encode()).hexdigest()[:16]
     cache = _cache_dir()
-    shim = os.path.join(cache, f"openblas_shim-{key}.so")
+    shim = os.path.join(cache, f"{name[:-2]}-{key}.so")
     if os.path.exists(shim):
         return shim
     tmp = f"{shim}.{os.getpid()}.tmp"
     try:
         os.makedirs(cache, exist_ok=True)
         subprocess.run([os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", source, "-o", tmp, f"-L{lib_dir}",
-                        "-lscipy_openblas", f"-Wl,-rpath,{lib_dir}"], check=True, capture_output=True, timeout=120)
+                        link, f"-Wl,-rpath,{lib_dir}"], check=True, capture_output=True, timeout=120)
         os.replace(tmp, shim)
     except (OSError, subprocess.SubprocessError) as e:
         print(f"nanobert: warning: could not build {source} ({e}); MLX uses another BLAS", file=sys.stderr)
@@ -209,8 +273,18 @@ FAST = sys.platform == "linux" and mx.default_device() == mx.cpu  # fix 3 applie
 # Fix 4: the streams engine_mlx splits a batch over (and optim_mlx the parameters) ($NANOBERT_MLX_STREAMS overrides; 1 off Linux CPUs).
 CPU_STREAMS = (int(os.environ.get("NANOBERT_MLX_STREAMS", 0))
                or max(1, (os.cpu_count() or 1) // launched_world_size())) if FAST else 1
-if CPU_STREAMS > 1 and _blas and hasattr(ctypes.CDLL(_blas), "openblas_set_num_threads"):
-    ctypes.CDLL(_blas).openblas_set_num_threads(1)  # the streams are the threads now
+
+
+def set_blas_threads(n):
+    """Run each of MLX's BLAS calls on n threads (OpenBLAS, or oneDNN through onednn_shim.c)."""
+    lib = ctypes.CDLL(_blas) if _blas else None
+    for name in ("openblas_set_num_threads", "onednn_shim_set_num_threads"):
+        if hasattr(lib, name):
+            getattr(lib, name)(n)
+
+
+if CPU_STREAMS > 1:
+    set_blas_threads(1)  # the streams are the threads now
 STREAMS = [mx.default_stream(mx.default_device())] + [mx.new_stream(mx.cpu) for _ in range(CPU_STREAMS - 1)]
 LOG2E, LN2_HI, LN2_LO = 1.4426950408889634, 0.693359375, -2.12194440e-4  # ln 2 = HI + LO, HI exact in fp32
 INV_SQRT_2PI = 0.3989422804014327

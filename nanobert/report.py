@@ -167,6 +167,7 @@ def speed_header(record):
             + ", ".join(f"{k} {v / scale:.0f}" for k, v in record["gemm_peak_gflops"].items())
             + f" {unit}; the torch twin's Linears on {record['torch_linears']}"
             + (f"; MLX's BLAS {os.path.basename(record['mlx_blas'])}" if record.get("mlx_blas") else "")
+            + (f" ({record['mlx_blas_kernels']})" if record.get("mlx_blas_kernels") else "")
             + (f", its kernels built with `{record['mlx_jit_flags']}`" if record.get("mlx_jit_flags") else "") + ".", ""]
 
 

@@ -4,6 +4,8 @@ The BLAS cases run in a fresh process: the preload must happen before MLX is fir
 imported, which only a new process can show."""
 
 import ctypes
+import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -96,6 +98,70 @@ def test_pypi_openblas_is_built_once_cached_and_serves_mlx(tmp_path):
     no_cc = run({**env, "XDG_CACHE_HOME": str(tmp_path / "other"), "CC": "/nonexistent/cc"})
     assert no_cc.stdout.split()[-1] == "None" and "could not build" in no_cc.stderr
     assert not os.listdir(tmp_path / "other" / "nanobert")  # no half-written file left
+
+
+def test_pypi_onednn_serves_mlx_in_both_layouts(tmp_path):
+    """onednn-cpu-gomp (requirements.txt, x86-64) reaches MLX through onednn_shim.c, which maps
+    CBLAS's calls onto oneDNN's row-major dnnl_sgemm: right for MLX, and for a column-major
+    call (operands swapped) with each transpose, alpha and beta."""
+    if not _has_onednn():
+        pytest.skip("onednn-cpu-gomp has no wheel for this platform (requirements.txt installs it on x86-64)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "NANOBERT_BLAS": "none", "NANOBERT_MLX_JIT_FLAGS": ""}
+    out = subprocess.run([sys.executable, "-c", "from nanobert import mlx_cpu\nprint(mlx_cpu._pypi_onednn())"],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    shim = out.stdout.split()[-1]
+    assert out.returncode == 0 and shim.startswith(str(tmp_path / "nanobert")), out.stderr
+    lines, err = run_probe({"NANOBERT_BLAS": shim})
+    assert lines["LOADED"] == shim and float(lines["ERR"]) < 1e-3, err
+    lib = ctypes.CDLL(shim)
+    f32p = ctypes.POINTER(ctypes.c_float)
+    rng = np.random.default_rng(0)
+    m, n, k = 5, 7, 3
+    for ta in (False, True):
+        for tb in (False, True):
+            a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
+            b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
+            c = rng.standard_normal((m, n)).astype(np.float32)
+            ref = 0.5 * (a.T if ta else a) @ (b.T if tb else b) + 2.0 * c
+            # column-major: pass each matrix's transpose in memory (Fortran order)
+            af, bf, cf = (np.asfortranarray(x) for x in (a, b, c))
+            lib.cblas_sgemm(102, 112 if ta else 111, 112 if tb else 111, m, n, k, ctypes.c_float(0.5),
+                            af.ctypes.data_as(f32p), af.shape[0], bf.ctypes.data_as(f32p), bf.shape[0],
+                            ctypes.c_float(2.0), cf.ctypes.data_as(f32p), m)
+            assert np.abs(cf - ref).max() < 1e-5, (ta, tb)
+
+
+def _has_onednn():
+    try:
+        return bool(importlib.metadata.distribution("onednn-cpu-gomp"))
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def test_the_fastest_blas_is_timed_once_cached_and_chosen(tmp_path):
+    """With two or more tuned BLAS libraries found, each is timed once under MLX in its own
+    process (nanobert/blas_timer.py), the times are cached, and MLX gets the fastest: a cache
+    that says the other one is faster makes the next process load the other one."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "NANOBERT_MLX_JIT_FLAGS": ""}
+    env.pop("NANOBERT_BLAS", None)
+    probe = "from nanobert import mlx_cpu\nprint(mlx_cpu.loaded_blas())"
+    run = lambda: subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, env=env,
+                                 timeout=300)
+    first = run()
+    assert first.returncode == 0, first.stderr
+    records = [f for f in os.listdir(tmp_path / "nanobert") if f.startswith("blas-")]
+    if not records:
+        pytest.skip("fewer than two tuned BLAS libraries here: nothing to choose between")
+    record = tmp_path / "nanobert" / records[0]
+    seconds = json.loads(record.read_text())["seconds"]
+    assert len(seconds) >= 2 and all(s is not None and 0 < s < 10 for s in seconds.values()), seconds
+    chosen = first.stdout.strip()
+    assert chosen == min(seconds, key=seconds.get)
+    written = record.stat().st_mtime_ns
+    assert run().stdout.strip() == chosen and record.stat().st_mtime_ns == written  # read back, not timed again
+    other = next(lib for lib in seconds if lib != chosen)
+    record.write_text(json.dumps({"seconds": {**seconds, other: seconds[chosen] / 2}}))
+    assert run().stdout.strip() == other
 
 
 def test_mlx_kernels_are_built_with_the_flags_chosen_for_this_cpu(tmp_path):
@@ -223,11 +289,12 @@ def test_fast_functions_match_float64(name):
 # --- fix 4: a batch's rows split over CPU streams (in-process) --------------------------------
 
 def test_blas_runs_one_thread_per_stream():
-    """With several streams, OpenBLAS (where it is MLX's BLAS) is told to use one thread per
-    call: the streams are the threads."""
+    """With several streams, MLX's BLAS (OpenBLAS, or oneDNN through onednn_shim.c) is told to
+    use one thread per call: the streams are the threads."""
     probe = ("import ctypes, nanobert.engine_mlx as E\nfrom nanobert import mlx_cpu\n"
              "print('STREAMS', len(E.STREAMS))\nblas = ctypes.CDLL(mlx_cpu.loaded_blas())\n"
-             "print('THREADS', blas.openblas_get_num_threads() if hasattr(blas, 'openblas_get_num_threads') else 1)\n")
+             "get = getattr(blas, 'openblas_get_num_threads', None) or blas.onednn_shim_get_num_threads\n"
+             "print('THREADS', get())\n")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "NANOBERT_MLX_STREAMS": "3"})
     assert out.returncode == 0, out.stderr

@@ -88,7 +88,8 @@ def fastest(libraries):
             return [os.path.realpath(lib), st.st_size, st.st_mtime_ns]
         except OSError:
             return [lib]
-    key = hashlib.sha256(json.dumps([cpu_vendor_and_model(), [stamp(l) for l in libraries]]).encode()).hexdigest()[:16]
+    cpu = cpu_vendor_and_model()
+    key = hashlib.sha256(json.dumps([cpu, [stamp(l) for l in libraries]]).encode()).hexdigest()[:16]
     record = os.path.join(_cache_dir(), f"blas-{key}.json")
     try:
         with open(record) as f:
@@ -103,7 +104,7 @@ def fastest(libraries):
             times[lib] = float(out.stdout) if out.returncode == 0 and out.stdout.strip() else None
         try:
             with atomic_path(record) as tmp, open(tmp, "w") as f:
-                json.dump({"cpu": cpu_vendor_and_model()[1], "seconds": times}, f, indent=1)
+                json.dump({"cpu": cpu[1], "seconds": times}, f, indent=1)
         except OSError:
             pass  # an unwritable cache: measure again next time
     timed = [lib for lib in libraries if times.get(lib) is not None]
@@ -139,22 +140,16 @@ def _build_shim(name, lib_dir, link):
     source = os.path.join(os.path.dirname(__file__), name)
     with open(source, "rb") as f:
         key = hashlib.sha256(f.read() + os.path.realpath(lib_dir).encode()).hexdigest()[:16]
-    cache = _cache_dir()
-    shim = os.path.join(cache, f"{name[:-2]}-{key}.so")
+    shim = os.path.join(_cache_dir(), f"{name[:-2]}-{key}.so")
     if os.path.exists(shim):
         return shim
-    tmp = f"{shim}.{os.getpid()}.tmp"
     try:
-        os.makedirs(cache, exist_ok=True)
-        subprocess.run([os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", source, "-o", tmp, f"-L{lib_dir}",
-                        link, f"-Wl,-rpath,{lib_dir}"], check=True, capture_output=True, timeout=120)
-        os.replace(tmp, shim)
+        with atomic_path(shim) as tmp:
+            subprocess.run([os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", source, "-o", tmp, f"-L{lib_dir}",
+                            link, f"-Wl,-rpath,{lib_dir}"], check=True, capture_output=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as e:
         print(f"nanobert: warning: could not build {source} ({e}); MLX uses another BLAS", file=sys.stderr)
         return None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return shim
 
 

@@ -46,7 +46,6 @@ are MLX's own there.
 import ctypes
 import ctypes.util
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -54,6 +53,7 @@ import shutil
 import subprocess
 import sys
 
+from nanobert import native
 from nanobert.fileio import atomic_path
 from nanobert.training import cpu_vendor_and_model, launched_world_size
 
@@ -90,7 +90,7 @@ def fastest(libraries):
             return [lib]
     cpu = cpu_vendor_and_model()
     key = hashlib.sha256(json.dumps([cpu, [stamp(l) for l in libraries]]).encode()).hexdigest()[:16]
-    record = os.path.join(_cache_dir(), f"blas-{key}.json")
+    record = os.path.join(native.cache_dir(), f"blas-{key}.json")
     try:
         with open(record) as f:
             times = json.load(f)["seconds"]
@@ -114,14 +114,8 @@ def fastest(libraries):
 def _pypi_onednn():
     """The forwarding library for onednn-cpu-gomp's oneDNN (onednn_shim.c), built on first use
     and cached; None if the package or a C compiler is missing."""
-    try:
-        dist = importlib.metadata.distribution("onednn-cpu-gomp")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    lib = next((dist.locate_file(f) for f in dist.files or [] if f.name == "libdnnl.so.3"), None)
-    if lib is None or not os.path.exists(lib):
-        return None
-    return _build_shim("onednn_shim.c", os.path.dirname(os.path.realpath(lib)), "-l:libdnnl.so.3")
+    lib_dir = native.onednn_lib_dir()
+    return native.build("onednn_shim.c", lib_dir, "-l:libdnnl.so.3") if lib_dir else None
 
 
 def _pypi_openblas():
@@ -130,31 +124,7 @@ def _pypi_openblas():
     spec = importlib.util.find_spec("scipy_openblas32")
     if not (spec and spec.submodule_search_locations):
         return None
-    return _build_shim("openblas_shim.c", os.path.join(spec.submodule_search_locations[0], "lib"), "-lscipy_openblas")
-
-
-def _build_shim(name, lib_dir, link):
-    """nanobert/<name>, compiled against the library in lib_dir (found through an rpath) into
-    ~/.cache/nanobert, once: written to a temporary name, then renamed, so that concurrent
-    processes never load half a file. None (warned) if it cannot be built."""
-    source = os.path.join(os.path.dirname(__file__), name)
-    with open(source, "rb") as f:
-        key = hashlib.sha256(f.read() + os.path.realpath(lib_dir).encode()).hexdigest()[:16]
-    shim = os.path.join(_cache_dir(), f"{name[:-2]}-{key}.so")
-    if os.path.exists(shim):
-        return shim
-    try:
-        with atomic_path(shim) as tmp:
-            subprocess.run([os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", source, "-o", tmp, f"-L{lib_dir}",
-                            link, f"-Wl,-rpath,{lib_dir}"], check=True, capture_output=True, timeout=120)
-    except (OSError, subprocess.SubprocessError) as e:
-        print(f"nanobert: warning: could not build {source} ({e}); MLX uses another BLAS", file=sys.stderr)
-        return None
-    return shim
-
-
-def _cache_dir():
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanobert")
+    return native.build("openblas_shim.c", os.path.join(spec.submodule_search_locations[0], "lib"), "-lscipy_openblas")
 
 
 # The flags later MLX versions pass their JIT compiler when MLX itself is built for AVX2.
@@ -181,7 +151,7 @@ def _jit_wrapper():
     flags = os.environ.get("NANOBERT_MLX_JIT_FLAGS")
     if flags is None:
         flags = AVX2_FLAGS if {"avx2", "fma", "f16c"} <= _cpu_flags() else ""
-    prefix = os.path.join(_cache_dir(), "jit-")  # our wrappers (a child process inherits its parent's PATH)
+    prefix = os.path.join(native.cache_dir(), "jit-")  # our wrappers (a child process inherits its parent's PATH)
     path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if not p.startswith(prefix)]
     gxx = shutil.which("g++", path=os.pathsep.join(path))
     if not flags.strip() or gxx is None:

@@ -99,6 +99,8 @@ class BertSelfAttention(nn.Module):
     def forward(self, x, mask):
         """x (B, T, H), mask (B, 1, 1, T) additive or None -> (B, T, H)"""
         B, T, _ = x.shape
+        if torch_cpu.on_fused_attention(x):  # inference on an x86 CPU: softmax(q k^T + mask) v in one kernel
+            return torch_cpu.attention(self.query(x), self.key(x), self.value(x), mask, self.num_heads)
         q, k, v = (proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))
         scale = self.head_dim ** -0.5

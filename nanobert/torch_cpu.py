@@ -8,8 +8,12 @@ Linear GEMM, forward and backward (its weight gradients ~2x: docs/cpu-speed.md).
 is by vendor: oneDNN on x86 CPUs that are not Intel's, MKL (F.linear) on Intel's.
 NANOBERT_ONEDNN=1 / =0 overrides it. torch exposes oneDNN's inner product without autograd,
 so the backward is written out here. The counterpart of mlx_cpu.py, which gives MLX its BLAS.
+
+Also here: `attention`, a fused attention for inference (attention_cpu.c) on x86-64 Linux,
+where PyPI's oneDNN is installed (requirements.txt); elsewhere, and in training, SDPA.
 """
 
+import ctypes
 import os
 import platform
 
@@ -17,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanobert import native
 from nanobert.training import cpu_vendor_and_model
 
 
@@ -108,3 +113,49 @@ class Linear(nn.Linear):
 
     def __getstate__(self):  # copy.deepcopy and pickle: without the copy (oneDNN's own tensor type has no storage to copy)
         return {**super().__getstate__(), "packed": None}
+
+
+_attention_lib = False  # not loaded yet; then the library, or None where it cannot be built
+
+
+def fused_attention_available():
+    """Whether `attention` can run here: x86-64 Linux with PyPI's oneDNN and a C compiler
+    (the kernel is built on first use, ~1 s). NANOBERT_FUSED_ATTENTION=0 turns it off."""
+    global _attention_lib
+    if _attention_lib is False:
+        _attention_lib = None
+        lib_dir = native.onednn_lib_dir() if platform.machine() == "x86_64" and os.environ.get(
+            "NANOBERT_FUSED_ATTENTION", "1") != "0" else None
+        path = lib_dir and native.build("attention_cpu.c", lib_dir, "-l:libdnnl.so.3",
+                                        flags=("-O3", "-march=native", "-fopenmp"), machine=cpu_vendor_and_model()[1])
+        if path:
+            _attention_lib = ctypes.CDLL(path)
+            _attention_lib.nanobert_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [
+                ctypes.c_void_p] * 2 + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int]
+    return _attention_lib is not None
+
+
+def on_fused_attention(x):
+    """Whether the torch twin's attention runs on x through `attention`: inference (no
+    autograd), fp32 on the CPU, outside torch.compile, where it is available."""
+    return bool(not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+                and fused_attention_available())
+
+
+def attention(q, k, v, mask, heads):
+    """softmax(q k^T / sqrt(d) + mask) v per head, fused (attention_cpu.c): q, k, v (B, T, H)
+    fp32 on the CPU, heads side by side in H, each with unit stride along H and one row stride
+    (the Linears' outputs, or column slices of one fused QKV); mask None or (B, 1, 1, T)
+    additive -> (B, T, H) contiguous. No autograd: inference only (`fused_attention_available`)."""
+    B, T, H = q.shape
+    assert all(t.dtype == torch.float32 and t.stride() == q.stride() for t in (q, k, v))
+    assert q.stride(2) == 1 and q.stride(0) == T * q.stride(1), "rows of one stride, unit stride along H"
+    out = torch.empty(B, T, H)
+    if mask is not None:
+        mask = mask.expand(B, 1, 1, T).reshape(B, T).contiguous()
+    if _attention_lib.nanobert_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1),
+                                         None if mask is None else mask.data_ptr(), out.data_ptr(), B, heads, T,
+                                         H // heads, (H // heads) ** -0.5, torch.get_num_threads()):
+        raise MemoryError("nanobert attention: out of memory for its score buffers")
+    return out

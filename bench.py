@@ -340,8 +340,10 @@ def main():
     cpu = cpu_vendor_and_model()[1]
     linears = "oneDNN" if torch_cpu.ONEDNN else torch.backends.cpu.get_cpu_capability() + " " + (
         "MKL" if torch.backends.mkl.is_available() else "BLAS")
+    attention = "attention_cpu.c" if not CUDA and torch_cpu.fused_attention_available() else "SDPA"
     machine = f"{gpu}{cpu} ({platform.machine()}), {os.cpu_count()} cores, {platform.system()}; torch " \
-              f"{torch.__version__} ({torch.get_num_threads()} threads, the twin's Linears on {linears}), mlx " \
+              f"{torch.__version__} ({torch.get_num_threads()} threads, the twin's Linears on {linears}, its inference " \
+              f"attention {attention}), mlx " \
               f"{mx.__version__} (BLAS: {mlx_cpu.loaded_blas()}{blas_kernels()}, {len(EM.STREAMS)} streams, " \
               f"kernels built with {mlx_cpu.jit_flags() or 'no -m flags'}, " \
               f"training step {'compiled' if EM.COMPILE else 'eager'}), transformers {transformers.__version__}"
@@ -379,7 +381,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**info, "machine": machine, "gpu": torch.cuda.get_device_name() if CUDA else None,
-                       "torch_linears": "F.linear (cuBLAS)" if CUDA else linears, "mlx_blas": mlx_cpu.loaded_blas(),
+                       "torch_linears": "F.linear (cuBLAS)" if CUDA else linears, "torch_attention": attention,
+                       "mlx_blas": mlx_cpu.loaded_blas(),
                        "mlx_blas_kernels": blas_kernels().strip(" ()"), "mlx_jit_flags": mlx_cpu.jit_flags(),
                        "gemm_peak_gflops": peaks, "repeats": args.repeats, "results": results,
                        "peak_rss_of_this_process_mib": peak_rss_mb()}, f, indent=1)

@@ -166,6 +166,7 @@ def speed_header(record):
             f"`{record['file']}`. GEMM peak ({'8192³ bf16' if record.get('gpu') else '2048³ fp32'}): "
             + ", ".join(f"{k} {v / scale:.0f}" for k, v in record["gemm_peak_gflops"].items())
             + f" {unit}; the torch twin's Linears on {record['torch_linears']}"
+            + (f", its inference attention {record['torch_attention']}" if record.get("torch_attention") else "")
             + (f"; MLX's BLAS {os.path.basename(record['mlx_blas'])}" if record.get("mlx_blas") else "")
             + (f" ({record['mlx_blas_kernels']})" if record.get("mlx_blas_kernels") else "")
             + (f", its kernels built with `{record['mlx_jit_flags']}`" if record.get("mlx_jit_flags") else "") + ".", ""]

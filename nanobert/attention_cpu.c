@@ -99,9 +99,10 @@ int nanobert_attention(const float *q, const float *k, const float *v, int64_t l
             int b = task / heads, h = task % heads;
             size_t offset = (size_t)b * T * ld + (size_t)h * D;
             float *o = out + (size_t)b * T * heads * D + (size_t)h * D;
+            const float *row_mask = mask ? mask + (size_t)b * T : NULL;
             dnnl_sgemm('N', 'T', T, T, D, scale, q + offset, ld, k + offset, ld, 0.0f, S, stride);
             for (int i = 0; i < T; i++)
-                softmax_row(S + i * stride, mask ? mask + (size_t)b * T : NULL, T, sums + i);
+                softmax_row(S + i * stride, row_mask, T, sums + i);
             dnnl_sgemm('N', 'N', T, D, T, 1.0f, S, stride, v + offset, ld, 0.0f, o, (int64_t)heads * D);
             for (int i = 0; i < T; i++) {
                 float inv = 1.0f / sums[i];

@@ -147,7 +147,7 @@ def attention(q, k, v, mask, heads):
     """softmax(q k^T / sqrt(d) + mask) v per head, fused (attention_cpu.c): q, k, v (B, T, H)
     fp32 on the CPU, heads side by side in H, each with unit stride along H and one row stride
     (the Linears' outputs, or column slices of one fused QKV); mask None or (B, 1, 1, T)
-    additive -> (B, T, H) contiguous. No autograd: inference only (`fused_attention_available`)."""
+    additive -> (B, T, H) contiguous. No autograd: inference only (`on_fused_attention`)."""
     B, T, H = q.shape
     assert all(t.dtype == torch.float32 and t.stride() == q.stride() for t in (q, k, v))
     assert q.stride(2) == 1 and q.stride(0) == T * q.stride(1), "rows of one stride, unit stride along H"

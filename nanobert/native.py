@@ -25,7 +25,7 @@ def onednn_lib_dir():
     return os.path.dirname(os.path.realpath(lib)) if lib is not None and os.path.exists(lib) else None
 
 
-def build(name, lib_dir, link, flags=(), machine=""):
+def build(name, lib_dir, link, flags=("-O2",), machine=""):
     """nanobert/<name> compiled with `flags` against the library in lib_dir (found through an
     rpath) into the cache, once per source, library folder, flags and `machine` (code built
     with -march=native runs only on CPUs like this one: pass the CPU's name): written to a
@@ -39,7 +39,7 @@ def build(name, lib_dir, link, flags=(), machine=""):
         return lib
     try:
         with atomic_path(lib) as tmp:
-            subprocess.run([os.environ.get("CC", "cc"), "-O2", *flags, "-shared", "-fPIC", source, "-o", tmp,
+            subprocess.run([os.environ.get("CC", "cc"), *flags, "-shared", "-fPIC", source, "-o", tmp,
                             f"-L{lib_dir}", link, f"-Wl,-rpath,{lib_dir}"], check=True, capture_output=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as e:
         print(f"nanobert: warning: could not build {source} ({e}); going on without it", file=sys.stderr)

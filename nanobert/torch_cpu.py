@@ -52,11 +52,15 @@ def linear(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
+def _eager_cpu_fp32(x):
+    """x is fp32 on the CPU, outside CPU autocast and torch.compile: where our own kernels may run."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
+
+
 def on_onednn(x):
     """Whether `linear` runs x on oneDNN (its docstring says when)."""
-    return bool(ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel()
-                and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling())
+    return bool(ONEDNN and x.numel() and torch.backends.mkldnn.enabled and _eager_cpu_fp32(x))
 
 
 def onednn_linear(x, weight, bias=None):
@@ -138,9 +142,7 @@ def fused_attention_available():
 def on_fused_attention(x):
     """Whether the torch twin's attention runs on x through `attention`: inference (no
     autograd), fp32 on the CPU, outside torch.compile, where it is available."""
-    return bool(not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-                and fused_attention_available())
+    return bool(not torch.is_grad_enabled() and _eager_cpu_fp32(x) and fused_attention_available())
 
 
 def attention(q, k, v, mask, heads):

@@ -341,11 +341,13 @@ def main():
     linears = "oneDNN" if torch_cpu.ONEDNN else torch.backends.cpu.get_cpu_capability() + " " + (
         "MKL" if torch.backends.mkl.is_available() else "BLAS")
     attention = "attention_cpu.c" if not CUDA and torch_cpu.fused_attention_available() else "SDPA"
+    mlx_attention = ("attention_mlx.cpp" if mlx_cpu.on_fused_attention(mx.zeros((1, 1, 1))) else "spelled out") \
+        if mlx_cpu.FAST else "mx.fast"
     machine = f"{gpu}{cpu} ({platform.machine()}), {os.cpu_count()} cores, {platform.system()}; torch " \
               f"{torch.__version__} ({torch.get_num_threads()} threads, the twin's Linears on {linears}, its inference " \
               f"attention {attention}), mlx " \
               f"{mx.__version__} (BLAS: {mlx_cpu.loaded_blas()}{blas_kernels()}, {len(EM.STREAMS)} streams, " \
-              f"kernels built with {mlx_cpu.jit_flags() or 'no -m flags'}, " \
+              f"kernels built with {mlx_cpu.jit_flags() or 'no -m flags'}, inference attention {mlx_attention}, " \
               f"training step {'compiled' if EM.COMPILE else 'eager'}), transformers {transformers.__version__}"
     print(f"machine: {machine}\nGEMM peak ({'8192^3 bf16' if CUDA else '2048^3 fp32'}): "
           f"torch {peaks['torch']:.0f} GFLOP/s, "
@@ -382,6 +384,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump({**info, "machine": machine, "gpu": torch.cuda.get_device_name() if CUDA else None,
                        "torch_linears": "F.linear (cuBLAS)" if CUDA else linears, "torch_attention": attention,
+                       "mlx_attention": mlx_attention,
                        "mlx_blas": mlx_cpu.loaded_blas(),
                        "mlx_blas_kernels": blas_kernels().strip(" ()"), "mlx_jit_flags": mlx_cpu.jit_flags(),
                        "gemm_peak_gflops": peaks, "repeats": args.repeats, "results": results,

@@ -39,6 +39,9 @@ training step ~3x slower than PyTorch on the 2-core reference machine (README ha
    elementwise runs on all cores. OpenBLAS then runs one thread per call: two streams each
    asking for two BLAS threads would put four threads on two cores.
 
+Also here: `attention`, the fused attention kernel of the torch twin (attention_cpu.c) as
+an MLX primitive (attention_mlx.cpp), for inference on x86-64 Linux.
+
 On macOS (and MLX on a GPU) nothing here is needed: `softmax`, `gelu` and `logsumexp`
 are MLX's own there.
 """
@@ -52,6 +55,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from nanobert import native
 from nanobert.fileio import atomic_path
@@ -115,7 +119,7 @@ def _pypi_onednn():
     """The forwarding library for onednn-cpu-gomp's oneDNN (onednn_shim.c), built on first use
     and cached; None if the package or a C compiler is missing."""
     lib_dir = native.onednn_lib_dir()
-    return native.build("onednn_shim.c", lib_dir, "-l:libdnnl.so.3") if lib_dir else None
+    return native.build("onednn_shim.c", ["-O2", *native.link(lib_dir, "-l:libdnnl.so.3")]) if lib_dir else None
 
 
 def _pypi_openblas():
@@ -124,7 +128,8 @@ def _pypi_openblas():
     spec = importlib.util.find_spec("scipy_openblas32")
     if not (spec and spec.submodule_search_locations):
         return None
-    return native.build("openblas_shim.c", os.path.join(spec.submodule_search_locations[0], "lib"), "-lscipy_openblas")
+    lib_dir = os.path.join(spec.submodule_search_locations[0], "lib")
+    return native.build("openblas_shim.c", ["-O2", *native.link(lib_dir, "-lscipy_openblas")])
 
 
 # The flags later MLX versions pass their JIT compiler when MLX itself is built for AVX2.
@@ -411,3 +416,58 @@ def softmax(x, axis=-1):
 def logsumexp(x):
     """log(sum(exp(x))) over the last axis, as mx.logsumexp(x, axis=-1)."""
     return _fast_logsumexp(x) if FAST else mx.logsumexp(x, axis=-1)
+
+
+# The fused attention (attention_cpu.c) as an MLX primitive: attention_mlx.cpp, built on first
+# use against this MLX's headers with nanobind (in requirements.txt), into the cache. Its
+# OpenMP threads per call: the streams are the threads, as for the BLAS (fix 4).
+ATTENTION_THREADS = 1 if CPU_STREAMS > 1 else max(1, (os.cpu_count() or 1) // launched_world_size())
+_attention_ext = False  # not loaded yet; then the module, or None where it cannot be built
+
+
+def _build_attention_ext():
+    kernel = native.attention_kernel()
+    try:
+        import nanobind
+    except ImportError:
+        return None
+    if not (FAST and kernel):
+        return None
+    mlx_dir = os.path.dirname(mx.__file__)
+    args = ["-std=c++20", "-O2", "-fvisibility=hidden", "-DNDEBUG", "-fopenmp",
+            "-DNB_DOMAIN=mlx",  # MLX's own bindings are built in nanobind's domain "mlx": so mx.array is shared
+            f"-I{sysconfig.get_paths()['include']}", f"-I{nanobind.include_dir()}",
+            f"-I{os.path.join(os.path.dirname(nanobind.include_dir()), 'ext', 'robin_map', 'include')}",
+            f"-I{os.path.join(mlx_dir, 'include')}", os.path.join(nanobind.source_dir(), "nb_combined.cpp"),
+            *native.link(os.path.join(mlx_dir, "lib"), "-lmlx"), kernel]
+    path = native.build("attention_mlx.cpp", args, machine=f"mlx {mx.__version__}, nanobind {nanobind.__version__}")
+    if not path:
+        return None
+    spec = importlib.util.spec_from_file_location("nanobert_attention_mlx", path)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    try:  # an mx.array it cannot take: a nanobind whose internals differ from the one that built MLX
+        mx.eval(ext.attention(*[mx.zeros((1, 1, 1))] * 3, None, 1, 1))
+    except TypeError as e:
+        print(f"nanobert: warning: {path} does not take this MLX's arrays ({e}); going on without it", file=sys.stderr)
+        return None
+    return ext
+
+
+def on_fused_attention(x):
+    """Whether the MLX twin's attention on x can run through `attention`: fp32 on a Linux
+    CPU, where the primitive builds (x86-64; NANOBERT_FUSED_ATTENTION=0 turns it off)."""
+    global _attention_ext
+    if _attention_ext is False:
+        _attention_ext = _build_attention_ext()
+    return bool(FAST and x.dtype == mx.float32 and _attention_ext)
+
+
+def attention(q, k, v, mask, heads):
+    """softmax(q k^T / sqrt(d) + mask) v per head, fused (attention_cpu.c inside MLX's graph):
+    q, k, v (B, T, H) fp32, heads side by side in H; mask None or (B, 1, 1, T) additive ->
+    (B, T, H). Its gradient is the spelled-out attention's (attention_mlx.cpp)."""
+    B, T, _ = q.shape
+    if mask is not None:
+        mask = mx.broadcast_to(mask, (B, 1, 1, T)).reshape(B, T)
+    return _attention_ext.attention(q, k, v, mask, heads, ATTENTION_THREADS)

@@ -169,7 +169,8 @@ def speed_header(record):
             + (f", its inference attention {record['torch_attention']}" if record.get("torch_attention") else "")
             + (f"; MLX's BLAS {os.path.basename(record['mlx_blas'])}" if record.get("mlx_blas") else "")
             + (f" ({record['mlx_blas_kernels']})" if record.get("mlx_blas_kernels") else "")
-            + (f", its kernels built with `{record['mlx_jit_flags']}`" if record.get("mlx_jit_flags") else "") + ".", ""]
+            + (f", its kernels built with `{record['mlx_jit_flags']}`" if record.get("mlx_jit_flags") else "")
+            + (f", its inference attention {record['mlx_attention']}" if record.get("mlx_attention") else "") + ".", ""]
 
 
 def speed_tables(latest_only, gpu=False):

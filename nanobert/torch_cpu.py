@@ -127,16 +127,12 @@ def fused_attention_available():
     (the kernel is built on first use, ~1 s). NANOBERT_FUSED_ATTENTION=0 turns it off."""
     global _attention_lib
     if _attention_lib is False:
-        _attention_lib = None
-        lib_dir = native.onednn_lib_dir() if platform.machine() == "x86_64" and os.environ.get(
-            "NANOBERT_FUSED_ATTENTION", "1") != "0" else None
-        path = lib_dir and native.build("attention_cpu.c", lib_dir, "-l:libdnnl.so.3",
-                                        flags=("-O3", "-march=native", "-fopenmp"), machine=cpu_vendor_and_model()[1])
+        path = native.attention_kernel()
+        _attention_lib = path and ctypes.CDLL(path)
         if path:
-            _attention_lib = ctypes.CDLL(path)
             _attention_lib.nanobert_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [
                 ctypes.c_void_p] * 2 + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int]
-    return _attention_lib is not None
+    return bool(_attention_lib)
 
 
 def on_fused_attention(x):

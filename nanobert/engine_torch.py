@@ -22,12 +22,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 AUTOCAST_DTYPE = torch.bfloat16 if DEVICE == "cuda" else None
 PAD_MULTIPLE = 1  # eager torch runs any batch shape as fast: pad T to the longest row only (engine_mlx: 8)
 # predict runs at most this many tokens at once: a smaller piece holds smaller activations
-# (the FFN's B x T x 4H floats). QA inference, B16 T384 -> two chunks of 8 rows: peak RSS
-# alone 677-686 -> 569-582 MiB (HF 640-647), as fast (0.902 vs 0.898 s, same process, median
-# of 9; 4 rows: 0.915 s). engine_mlx's is smaller: its pieces run side by side, one per stream.
-# On a GPU the rows run at once: there launching kernels bounds these shapes, and a chunk
-# launches as many as the whole batch.
-PREDICT_TOKENS = 4096
+# (the FFN's B x T x 4H floats). QA inference, B16 T384 -> chunks of 6, 5 and 5 rows: peak
+# RSS alone 637-658 (two chunks of 8 rows) -> 605 MiB (HF 641-648) on an AMD Zen 4, as fast
+# (0.886 vs 0.881 s, same process, interleaved, median of 12; 4 rows: 4% slower). engine_mlx's
+# is smaller: its pieces run side by side, one per stream. On a GPU the rows run at once:
+# there launching kernels bounds these shapes, and a chunk launches as many as the whole batch.
+PREDICT_TOKENS = 2304  # 6 rows of 384
 
 
 def init_distributed():

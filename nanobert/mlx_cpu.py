@@ -426,12 +426,12 @@ _attention_ext = False  # not loaded yet; then the module, or None where it cann
 
 
 def _build_attention_ext():
-    kernel = native.attention_kernel()
     try:
         import nanobind
     except ImportError:
         return None
-    if not (FAST and kernel):
+    kernel = native.attention_kernel()
+    if not kernel:
         return None
     mlx_dir = os.path.dirname(mx.__file__)
     args = ["-std=c++20", "-O2", "-fvisibility=hidden", "-DNDEBUG", "-fopenmp",
@@ -458,9 +458,11 @@ def on_fused_attention(x):
     """Whether the MLX twin's attention on x can run through `attention`: fp32 on a Linux
     CPU, where the primitive builds (x86-64; NANOBERT_FUSED_ATTENTION=0 turns it off)."""
     global _attention_ext
+    if not (FAST and x.dtype == mx.float32):
+        return False
     if _attention_ext is False:
         _attention_ext = _build_attention_ext()
-    return bool(FAST and x.dtype == mx.float32 and _attention_ext)
+    return bool(_attention_ext)
 
 
 def attention(q, k, v, mask, heads):

@@ -240,9 +240,9 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 FAST = sys.platform == "linux" and mx.default_device() == mx.cpu  # fix 3 applies
+CORES = max(1, (os.cpu_count() or 1) // launched_world_size())  # this process's share of the machine
 # Fix 4: the streams engine_mlx splits a batch over (and optim_mlx the parameters) ($NANOBERT_MLX_STREAMS overrides; 1 off Linux CPUs).
-CPU_STREAMS = (int(os.environ.get("NANOBERT_MLX_STREAMS", 0))
-               or max(1, (os.cpu_count() or 1) // launched_world_size())) if FAST else 1
+CPU_STREAMS = (int(os.environ.get("NANOBERT_MLX_STREAMS", 0)) or CORES) if FAST else 1
 
 
 def set_blas_threads(n):
@@ -421,7 +421,7 @@ def logsumexp(x):
 # The fused attention (attention_cpu.c) as an MLX primitive: attention_mlx.cpp, built on first
 # use against this MLX's headers with nanobind (in requirements.txt), into the cache. Its
 # OpenMP threads per call: the streams are the threads, as for the BLAS (fix 4).
-ATTENTION_THREADS = 1 if CPU_STREAMS > 1 else max(1, (os.cpu_count() or 1) // launched_world_size())
+ATTENTION_THREADS = 1 if CPU_STREAMS > 1 else CORES
 _attention_ext = False  # not loaded yet; then the module, or None where it cannot be built
 
 
